@@ -1,0 +1,193 @@
+"""The single source of truth for the four workflows.
+
+Every setting a workflow needs - its schedule, where it runs (pool, queue), how it retries, which
+MLflow experiment and registered model it writes to, and how its champion is gated - lives in
+``WORKFLOWS`` below. DAG files read it, ``airflow pools import`` reads the pools file generated from
+it (``python dags/common/config.py pools``), and the docs and compose checks read it too.
+
+This module is imported by DAG files at parse time, so it must stay standard-library only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class PromotionGate:
+    """When a registered challenger may take the ``champion`` alias.
+
+    ``metric`` is compared with the current champion's score on the same evaluation data: the
+    challenger must be better by at least ``min_improvement`` (relative, 0.01 = 1 %).
+    ``threshold_metric`` must independently pass the absolute ``threshold`` (``>=`` when
+    ``threshold_greater_is_better``, else ``<=``). With ``require_approval`` a passing challenger
+    waits for a person (``python -m common.registry approve``) instead of being promoted.
+    """
+
+    metric: str
+    greater_is_better: bool
+    threshold_metric: str
+    threshold: float
+    threshold_greater_is_better: bool = True
+    min_improvement: float = 0.0
+    require_approval: bool = False
+
+    def better(self, challenger: float, champion: float) -> bool:
+        """True when ``challenger`` beats ``champion`` by the configured relative margin."""
+        margin = abs(champion) * self.min_improvement
+        if self.greater_is_better:
+            return challenger > champion + margin
+        return challenger < champion - margin
+
+    def passes_threshold(self, value: float) -> bool:
+        if self.threshold_greater_is_better:
+            return value >= self.threshold
+        return value <= self.threshold
+
+
+@dataclass(frozen=True)
+class Pool:
+    name: str
+    slots: int
+    description: str
+
+
+@dataclass(frozen=True)
+class WorkflowConfig:
+    dag_id: str
+    description: str
+    schedule: str | None
+    pool: str
+    queue: str
+    experiment: str
+    model_name: str
+    gate: PromotionGate
+    pool_slots: int = 1
+    priority_weight: int = 1
+    max_active_runs: int = 1
+    retries: int = 2
+    retry_delay: timedelta = timedelta(minutes=2)
+    execution_timeout: timedelta = timedelta(hours=1)
+    owner: str = "ml-platform"
+    # The schedule is read in this zone (dawn in Paris, the close in New York), not in UTC.
+    timezone: str = "UTC"
+    start_date: str = "2026-01-01"
+    tags: tuple[str, ...] = ()
+    # Workflow-specific defaults that become DAG params (overridable per run from the UI or CLI).
+    params: dict[str, object] = field(default_factory=dict)
+
+    def default_args(self) -> dict[str, object]:
+        """Task defaults for the DAG: where tasks run and how they retry."""
+        return {
+            "owner": self.owner,
+            "pool": self.pool,
+            "pool_slots": self.pool_slots,
+            "queue": self.queue,
+            "priority_weight": self.priority_weight,
+            "retries": self.retries,
+            "retry_delay": self.retry_delay,
+            "execution_timeout": self.execution_timeout,
+        }
+
+
+# Register tasks of every workflow share this one-slot pool, so two runs (of any DAG, on any
+# worker) never decide a promotion at the same time; registry.py also locks and re-checks.
+REGISTRY_POOL = Pool("model_registry", 1, "Serialises champion promotion across all workflows")
+
+POOLS: tuple[Pool, ...] = (
+    Pool("gpu_pool", 1, "One GPU: CNN training tasks, one at a time"),
+    Pool("high_priority_cpu", 2, "Latency-sensitive tick model work"),
+    Pool("default_pool", 4, "Batch CPU work"),
+    REGISTRY_POOL,
+)
+
+WORKFLOWS: dict[str, WorkflowConfig] = {
+    cfg.dag_id: cfg
+    for cfg in (
+        WorkflowConfig(
+            dag_id="power_lgbm_training",
+            description="Day-ahead household power forecast (LightGBM) on the UCI data",
+            schedule="30 5 * * *",  # daily at dawn, after the night's readings have landed
+            timezone="Europe/Paris",  # the household is in Sceaux, near Paris
+            pool="default_pool",
+            queue="batch_queue",
+            experiment="power-forecast",
+            model_name="power_lgbm",
+            priority_weight=2,
+            execution_timeout=timedelta(minutes=30),
+            tags=("forecasting", "lightgbm", "power"),
+            gate=PromotionGate(
+                metric="mae",
+                greater_is_better=False,
+                threshold_metric="skill_mae",
+                threshold=0.10,  # at least 10 % better than the best seasonal-naive baseline
+                min_improvement=0.0,
+                require_approval=False,
+            ),
+            # No declared params: a run's conf may override any field of
+            # scripts.power_model.ModelParams (the trainer owns its defaults; unknown keys fail).
+        ),
+    )
+}
+
+
+def get(dag_id: str) -> WorkflowConfig:
+    try:
+        return WORKFLOWS[dag_id]
+    except KeyError:
+        raise KeyError(f"no workflow config for dag_id {dag_id!r}; known: {sorted(WORKFLOWS)}") from None
+
+
+def pools_file_content() -> dict[str, dict[str, object]]:
+    """The JSON document ``airflow pools import`` reads."""
+    return {
+        p.name: {"slots": p.slots, "description": p.description, "include_deferred": False}
+        for p in POOLS
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths: everything the stack writes lives under one folder (VTM_HOME, default <repo>/.local).
+# ---------------------------------------------------------------------------------------------
+
+
+def home_dir() -> Path:
+    return Path(os.environ.get("VTM_HOME", REPO_ROOT / ".local")).resolve()
+
+
+def data_dir() -> Path:
+    """Raw downloads and immutable data snapshots."""
+    return Path(os.environ.get("VTM_DATA_DIR", home_dir() / "data")).resolve()
+
+
+def data_mirror() -> Path | None:
+    """An offline mirror of the official files (layout: ../shared/data/README.md), if set."""
+    mirror = os.environ.get("DATA_MIRROR")
+    return Path(mirror).resolve() if mirror else None
+
+
+def locks_dir() -> Path:
+    return Path(os.environ.get("VTM_LOCK_DIR", home_dir() / "locks")).resolve()
+
+
+def main(argv: list[str]) -> int:
+    if argv[1:2] == ["pools"]:
+        json.dump(pools_file_content(), sys.stdout, indent=2)
+        print()
+        return 0
+    if argv[1:2] == ["dag-ids"]:
+        print(" ".join(WORKFLOWS))
+        return 0
+    print("usage: config.py pools|dag-ids", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv))

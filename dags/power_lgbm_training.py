@@ -1,0 +1,79 @@
+"""
+### power_lgbm_training
+
+Day-ahead forecast of a household's electricity use: at midnight, the 24 hourly means of
+`Global_active_power` (kW) of the coming day, from the UCI *Individual household electric power
+consumption* data (downloaded, or read from `DATA_MIRROR`).
+
+`prepare` validates the minute file and writes an immutable hourly snapshot whose content hash is
+the data version -> `train` fits LightGBM (L1, lags >= 24 h, rolling and calendar features, early
+stopping on the weeks before the evaluation window) -> `evaluate` scores it, the seasonal-naive
+baselines and the current champion walk-forward on the final 8 weeks -> `register` registers
+`power_lgbm`, sets `challenger`, and moves `champion` only through the gate in `common/config.py`.
+
+Trigger conf may override any `ModelParams` field, e.g. `{"num_boost_round": 300}`.
+Results: MLflow experiment `power-forecast`, registered model `power_lgbm`.
+"""
+
+from __future__ import annotations
+
+import pendulum
+
+from airflow.sdk import dag, task
+from common import alerts, config
+
+CFG = config.get("power_lgbm_training")
+
+
+@dag(
+    dag_id=CFG.dag_id,
+    description=CFG.description,
+    schedule=CFG.schedule,
+    start_date=pendulum.parse(CFG.start_date, tz=CFG.timezone),
+    catchup=False,
+    max_active_runs=CFG.max_active_runs,
+    default_args={**CFG.default_args(), **alerts.task_callbacks()},
+    on_success_callback=alerts.on_success,
+    params=dict(CFG.params),
+    tags=list(CFG.tags),
+    doc_md=__doc__,
+)
+def power_lgbm_training() -> None:
+    @task
+    def prepare() -> dict:
+        """Fetch, validate, and snapshot the data; returns its URI and data version."""
+        from scripts import power_pipeline
+
+        return power_pipeline.prepare()
+
+    @task
+    def train(snapshot: dict, **context) -> dict:
+        """Fit and log the model; returns the MLflow run id and model URI."""
+        from common.mlflow_utils import AirflowIdentity
+        from scripts import power_pipeline
+
+        return power_pipeline.train(snapshot, context["params"], AirflowIdentity.from_context(context))
+
+    @task
+    def evaluate(snapshot: dict, trained: dict) -> dict:
+        """Score model, baselines and champion on the same final 8 weeks."""
+        from scripts import power_pipeline
+
+        return power_pipeline.evaluate(snapshot, trained)
+
+    # One-slot pool shared by every workflow: promotions never race.
+    @task(pool=config.REGISTRY_POOL.name)
+    def register(snapshot: dict, trained: dict, evaluated: dict, **context) -> dict:
+        """Register the challenger; promote to champion only through the gate."""
+        from common.mlflow_utils import AirflowIdentity
+        from scripts import power_pipeline
+
+        who = AirflowIdentity.from_context(context)
+        return power_pipeline.register(snapshot, trained, evaluated, who)
+
+    snapshot = prepare()
+    trained = train(snapshot)
+    register(snapshot, trained, evaluate(snapshot, trained))
+
+
+power_lgbm_training()

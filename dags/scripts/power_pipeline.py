@@ -1,0 +1,170 @@
+"""The power workflow's steps as plain functions, each logging to MLflow: prepare, train,
+evaluate, register. The DAG calls them one per task; the CLI runs them all in one process.
+
+Between steps only small dicts travel (snapshot URI and data version, MLflow run id and model URI,
+metrics): exactly what Airflow passes through XCom.
+
+CLI: ``python -m scripts.power_pipeline [--source FILE] [--param key=value ...]`` prints one
+``VTM_PROGRESS::{json}`` line per step and ``VTM_RUN_META::{json}`` once; exit 0 only on success.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from common import config, mlflow_utils, registry
+from common.mlflow_utils import AirflowIdentity
+from scripts import power_data, power_model
+
+log = logging.getLogger(__name__)
+
+DAG_ID = "power_lgbm_training"
+
+
+def model_params(overrides: Mapping[str, Any] | None) -> power_model.ModelParams:
+    """DAG params -> ModelParams; unknown keys are an error, not silently ignored."""
+    known = {f.name: f.type for f in dataclasses.fields(power_model.ModelParams)}
+    overrides = dict(overrides or {})
+    unknown = set(overrides) - set(known)
+    if unknown:
+        raise ValueError(f"unknown power_lgbm_training params {sorted(unknown)}; known: {sorted(known)}")
+    defaults = power_model.ModelParams()
+    typed = {k: type(getattr(defaults, k))(v) for k, v in overrides.items()}
+    return dataclasses.replace(defaults, **typed)
+
+
+def prepare(source: str | None = None) -> dict[str, Any]:
+    return power_data.prepare(Path(source) if source else None).to_dict()
+
+
+def train(snapshot: Mapping[str, Any], params: Mapping[str, Any] | None,
+          who: AirflowIdentity) -> dict[str, str]:
+    """Fit on the snapshot and log params, model (signature + input example) to a tagged run."""
+    import lightgbm
+    import mlflow
+    import numpy
+    import pandas
+    from mlflow.models import infer_signature
+
+    cfg = config.get(DAG_ID)
+    mp = model_params(params)
+    table = power_model.build_features(power_data.load_snapshot(str(snapshot["uri"])))
+    with mlflow_utils.task_run(cfg.experiment, who, str(snapshot["data_version"]),
+                               {"workflow": DAG_ID, "model_name": cfg.model_name}) as run:
+        mlflow.log_params({**dataclasses.asdict(mp), "snapshot_uri": snapshot["uri"],
+                           "data_start": snapshot["start"], "data_end": snapshot["end"],
+                           "n_features": len(table.columns)})
+        result = power_model.fit(table, mp)
+        mlflow.log_params({"train_end": str(result.window_start - pandas.Timedelta(hours=1)),
+                           "eval_start": str(result.window_start)})
+        mlflow.log_metrics({"train_seconds": result.train_seconds,
+                            "best_iteration": result.best_iteration, "train_rows": result.train_rows})
+        sample = table.features[table.day >= result.window_start].head(200)
+        info = mlflow.lightgbm.log_model(
+            result.booster, name="model",
+            signature=infer_signature(sample, result.booster.predict(sample)),
+            input_example=sample.head(5),
+            pip_requirements=[f"lightgbm=={lightgbm.__version__}", f"pandas=={pandas.__version__}",
+                              f"numpy=={numpy.__version__}"],
+        )
+        return {"run_id": run.info.run_id, "model_uri": info.model_uri,
+                "window_start": str(result.window_start)}
+
+
+def _champion_score(model_name: str, table: power_model.FeatureTable, window_start) -> tuple[
+        str | None, dict[str, float] | None]:
+    """The current champion's metrics on this very evaluation data (None if none or unusable)."""
+    import mlflow
+
+    client = mlflow_utils.configure()
+    champion = registry.alias_version(client, model_name, registry.CHAMPION)
+    if champion is None:
+        return None, None
+    try:
+        booster = mlflow.lightgbm.load_model(f"models:/{model_name}@{registry.CHAMPION}")
+        features = booster.feature_name()
+        scored = power_model.score(lambda X: booster.predict(X[features]), table, window_start)
+        return champion.version, scored.metrics
+    except Exception as exc:  # noqa: BLE001 - e.g. a feature set from older code
+        log.warning("champion v%s cannot be scored on this data: %s", champion.version, exc)
+        return champion.version, None
+
+
+def evaluate(snapshot: Mapping[str, Any], trained: Mapping[str, str]) -> dict[str, Any]:
+    """Score model, baselines and champion on the same window; log metrics and plots."""
+    import mlflow
+    import pandas
+
+    cfg = config.get(DAG_ID)
+    started = time.perf_counter()
+    table = power_model.build_features(power_data.load_snapshot(str(snapshot["uri"])))
+    window_start = pandas.Timestamp(trained["window_start"])
+    booster = mlflow.lightgbm.load_model(trained["model_uri"])
+    evaluation = power_model.score(booster.predict, table, window_start)
+    champion_version, champion_metrics = _champion_score(cfg.model_name, table, window_start)
+    metrics = dict(evaluation.metrics)
+    if champion_metrics is not None:
+        metrics["champion_mae"] = champion_metrics["mae"]
+    metrics["evaluate_seconds"] = time.perf_counter() - started
+    with mlflow_utils.reopen_run(trained["run_id"]):
+        mlflow.log_metrics(metrics)
+        mlflow.set_tag(registry.TAG_EVALUATED_AGAINST, champion_version or registry.NO_CHAMPION)
+        with tempfile.TemporaryDirectory() as tmp:
+            power_model.plot_forecast(evaluation.frame, f"{tmp}/forecast_vs_actual.png")
+            power_model.plot_importance(booster, f"{tmp}/feature_importance.png")
+            evaluation.frame.to_csv(f"{tmp}/eval_forecasts.csv", index=False)
+            mlflow.log_artifacts(tmp, artifact_path="evaluation")
+    return {"metrics": metrics, "champion_version": champion_version}
+
+
+def register(snapshot: Mapping[str, Any], trained: Mapping[str, str],
+             evaluated: Mapping[str, Any], who: AirflowIdentity) -> dict[str, Any]:
+    """Register the challenger and apply the promotion gate."""
+    cfg = config.get(DAG_ID)
+    metrics = evaluated["metrics"]
+    version = registry.register_challenger(
+        cfg.model_name, trained["model_uri"], trained["run_id"], metrics,
+        tags={"data_version": str(snapshot["data_version"]), "git_commit": mlflow_utils.git_commit(),
+              "dag_id": who.dag_id, "airflow_run_id": who.run_id})
+    decision = registry.decide(cfg.model_name, version, cfg.gate, metrics,
+                               champion_score=metrics.get("champion_" + cfg.gate.metric),
+                               evaluated_against=evaluated.get("champion_version"))
+    return decision.to_dict()
+
+
+def _progress(step: str, **fields: Any) -> None:
+    print("VTM_PROGRESS::" + json.dumps({"step": step, **fields}, default=str), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run the power workflow outside Airflow")
+    parser.add_argument("--source", help="UCI zip or txt (default: DATA_MIRROR or download)")
+    parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                        help="model parameter override, e.g. --param num_boost_round=50")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    params = dict(p.split("=", 1) for p in args.param)
+    model_params(params)  # fail fast on a typo, before any work
+    who = AirflowIdentity(DAG_ID, f"cli__{datetime.now(UTC):%Y%m%dT%H%M%S}", "train")
+    snapshot = prepare(args.source)
+    _progress("prepare", data_version=snapshot["data_version"])
+    trained = train(snapshot, params, who)
+    print("VTM_RUN_META::" + json.dumps({"mlflow_run_id": trained["run_id"]}), flush=True)
+    evaluated = evaluate(snapshot, trained)
+    _progress("evaluate", **{k: round(v, 4) for k, v in evaluated["metrics"].items()})
+    decision = register(snapshot, trained, evaluated, who)
+    _progress("register", **decision)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
