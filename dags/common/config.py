@@ -82,6 +82,10 @@ class WorkflowConfig:
     tags: tuple[str, ...] = ()
     # Workflow-specific defaults that become DAG params (overridable per run from the UI or CLI).
     params: dict[str, object] = field(default_factory=dict)
+    # What `make demo` reports: the headline metric beside its baseline, and the conf it triggers.
+    headline_metric: str = ""
+    baseline_metric: str = ""
+    demo_conf: dict[str, object] = field(default_factory=dict)
 
     def default_args(self) -> dict[str, object]:
         """Task defaults for the DAG: where tasks run and how they retry."""
@@ -131,6 +135,8 @@ WORKFLOWS: dict[str, WorkflowConfig] = {
                 min_improvement=0.0,
                 require_approval=False,
             ),
+            headline_metric="mae",
+            baseline_metric="baseline_mae",
             # No declared params: a run's conf may override any field of
             # scripts.power_model.ModelParams (the trainer owns its defaults; unknown keys fail).
         ),

@@ -1,0 +1,50 @@
+# Two commands on a fresh machine: `make demo` (the main job on the embedded stack) and
+# `make test`. Both create .venv when it is missing.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export DATA_MIRROR
+export VTM_HOME ?= $(CURDIR)/.local
+
+.PHONY: venv demo up down test test-fast lint bench pools clean
+
+venv: $(STAMP)
+
+# Reinstalled only when a requirements file changes. The constraints file pins every transitive
+# package, so two machines get the same environment.
+$(STAMP): requirements-airflow.txt requirements-dev.txt constraints-airflow.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements-airflow.txt -r requirements-dev.txt \
+		-c constraints-airflow.txt
+	$(BIN)/python -m pip check
+	touch $@
+
+up: venv
+	tools/stack.sh up
+
+demo: up
+	eval "$$(tools/stack.sh env)" && $(BIN)/python tools/demo.py
+
+down:
+	tools/stack.sh down
+
+test: venv
+	$(BIN)/python -m pytest
+
+test-fast: venv
+	$(BIN)/python -m pytest -m "not e2e"
+
+lint: venv
+	$(BIN)/ruff check dags tests tools bench
+
+bench: venv
+	$(BIN)/python bench/power_bench.py
+
+pools:
+	@$(PYTHON) dags/common/config.py pools
+
+clean: down
+	rm -rf .local

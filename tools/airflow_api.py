@@ -1,0 +1,114 @@
+"""A small client for the Airflow 3 REST API (``/api/v2``), standard library only.
+
+Used by ``make demo`` and by the tests that drive a running stack the way a person or a CI job
+would: log in, unpause, trigger, wait, read task results.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+TERMINAL = {"success", "failed"}
+
+
+class AirflowApiError(RuntimeError):
+    pass
+
+
+class AirflowClient:
+    def __init__(self, base_url: str, username: str, password: str) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.username, self.password = username, password
+        self._token: str | None = None
+
+    def _login(self) -> str:
+        body = json.dumps({"username": self.username, "password": self.password}).encode()
+        request = urllib.request.Request(f"{self.base_url}/auth/token", data=body, method="POST",
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.load(response)["access_token"]
+
+    def request(self, method: str, path: str, body: Any = None, ok_missing: bool = False) -> Any:
+        for attempt in (1, 2):
+            self._token = self._token or self._login()
+            request = urllib.request.Request(
+                f"{self.base_url}/api/v2{path}", method=method,
+                data=None if body is None else json.dumps(body).encode(),
+                headers={"Content-Type": "application/json", "Authorization": f"Bearer {self._token}"})
+            try:
+                with urllib.request.urlopen(request, timeout=60) as response:
+                    payload = response.read()
+                    return json.loads(payload) if payload else None
+            except urllib.error.HTTPError as exc:
+                if exc.code == 401 and attempt == 1:  # token expired: log in again once
+                    self._token = None
+                    continue
+                if exc.code == 404 and ok_missing:
+                    return None
+                raise AirflowApiError(f"{method} {path}: HTTP {exc.code} {exc.read()[:500]!r}") from None
+        raise AssertionError("unreachable")
+
+    def wait_for_dags(self, dag_ids: list[str], timeout: float = 300) -> None:
+        """Until the dag-processor has parsed every DAG (or fail naming the missing ones)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            missing = [d for d in dag_ids if self.request("GET", f"/dags/{d}", ok_missing=True) is None]
+            if not missing:
+                return
+            if time.monotonic() > deadline:
+                errors = self.request("GET", "/importErrors")
+                raise AirflowApiError(f"DAGs not loaded after {timeout}s: {missing}; import errors: {errors}")
+            time.sleep(3)
+
+    def unpause(self, dag_id: str) -> None:
+        self.request("PATCH", f"/dags/{dag_id}", {"is_paused": False})
+
+    def trigger(self, dag_id: str, conf: dict[str, Any] | None = None) -> str:
+        run = self.request("POST", f"/dags/{dag_id}/dagRuns", {"logical_date": None, "conf": conf or {}})
+        return run["dag_run_id"]
+
+    def dag_run(self, dag_id: str, run_id: str) -> dict[str, Any]:
+        return self.request("GET", f"/dags/{dag_id}/dagRuns/{run_id}")
+
+    def wait_for_runs(self, runs: dict[str, str], timeout: float) -> dict[str, dict[str, Any]]:
+        """``runs`` maps dag_id -> run_id; returns each final run record."""
+        deadline = time.monotonic() + timeout
+        final: dict[str, dict[str, Any]] = {}
+        while len(final) < len(runs):
+            for dag_id, run_id in runs.items():
+                if dag_id not in final:
+                    record = self.dag_run(dag_id, run_id)
+                    if record["state"] in TERMINAL:
+                        final[dag_id] = record
+            if len(final) < len(runs):
+                if time.monotonic() > deadline:
+                    pending = sorted(set(runs) - set(final))
+                    raise AirflowApiError(f"runs still not finished after {timeout}s: {pending}")
+                time.sleep(5)
+        return final
+
+    def task_instances(self, dag_id: str, run_id: str) -> list[dict[str, Any]]:
+        return self.request("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances")["task_instances"]
+
+    def xcom(self, dag_id: str, run_id: str, task_id: str) -> Any:
+        entry = self.request(
+            "GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/return_value",
+            ok_missing=True)
+        if entry is None:
+            return None
+        value = entry.get("value")
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except ValueError:
+                import ast
+
+                try:
+                    return ast.literal_eval(value)
+                except (ValueError, SyntaxError):
+                    return value
+        return value

@@ -1,0 +1,103 @@
+"""``make demo``: unpause and trigger every workflow on the running stack, wait, print a table.
+
+Expects ``tools/stack.sh up`` to have run (it is what ``make demo`` does first). Every workflow of
+``dags/common/config.py`` that has a DAG file is triggered with its ``demo_conf``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from datetime import datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "dags"), str(ROOT)]
+
+from common import config  # noqa: E402
+from tools.airflow_api import AirflowClient  # noqa: E402
+
+
+def admin_password(airflow_home: Path) -> str:
+    return json.loads((airflow_home / "simple_auth_manager_passwords.json.generated").read_text())["admin"]
+
+
+def present_workflows() -> list[config.WorkflowConfig]:
+    return [cfg for cfg in config.WORKFLOWS.values() if (ROOT / "dags" / f"{cfg.dag_id}.py").is_file()]
+
+
+def seconds(record: dict) -> float:
+    start, end = record.get("start_date"), record.get("end_date")
+    if not start or not end:
+        return float("nan")
+    return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
+
+
+def describe(client: AirflowClient, cfg: config.WorkflowConfig, record: dict) -> dict[str, str]:
+    """One table row: the run's outcome and what it left in MLflow."""
+    from mlflow.tracking import MlflowClient
+
+    from common import mlflow_utils
+
+    row = {"dag_id": cfg.dag_id, "state": record["state"], "duration": f"{seconds(record):.0f} s",
+           "metric": "-", "model": "-", "alias": "-", "mlflow_run": "-"}
+    trained = client.xcom(cfg.dag_id, record["dag_run_id"], "train")
+    decision = client.xcom(cfg.dag_id, record["dag_run_id"], "register")
+    if isinstance(trained, dict) and trained.get("run_id"):
+        mlflow = MlflowClient(mlflow_utils.tracking_uri())
+        metrics = mlflow.get_run(trained["run_id"]).data.metrics
+        if cfg.headline_metric in metrics:
+            row["metric"] = f"{cfg.headline_metric}={metrics[cfg.headline_metric]:.4f}"
+            if cfg.baseline_metric in metrics:
+                row["metric"] += f" vs {cfg.baseline_metric}={metrics[cfg.baseline_metric]:.4f}"
+        row["mlflow_run"] = mlflow_utils.run_url(trained["run_id"])
+    if isinstance(decision, dict):
+        row["model"] = f"{decision['model_name']} v{decision['version']}"
+        mv = MlflowClient(mlflow_utils.tracking_uri()).get_model_version(
+            decision["model_name"], decision["version"])
+        row["alias"] = ",".join(mv.aliases) or decision["decision"]
+        if decision["decision"] != "promoted":
+            row["alias"] += f" ({decision['decision']})"
+    return row
+
+
+def print_table(rows: list[dict[str, str]]) -> None:
+    headers = list(rows[0])
+    widths = {h: max(len(h), *(len(r[h]) for r in rows)) for h in headers}
+    print("  ".join(h.ljust(widths[h]) for h in headers))
+    print("  ".join("-" * widths[h] for h in headers))
+    for r in rows:
+        print("  ".join(r[h].ljust(widths[h]) for h in headers))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds to wait for the runs")
+    args = parser.parse_args(argv)
+    airflow_home = Path(os.environ["AIRFLOW_HOME"])
+    base_url = os.environ.get("AIRFLOW__API__BASE_URL", "http://127.0.0.1:8080")
+    client = AirflowClient(base_url, "admin", admin_password(airflow_home))
+    workflows = present_workflows()
+    client.wait_for_dags([cfg.dag_id for cfg in workflows])
+    runs = {}
+    for cfg in workflows:
+        runs[cfg.dag_id] = client.trigger(cfg.dag_id, dict(cfg.demo_conf))
+        client.unpause(cfg.dag_id)
+        print(f"triggered {cfg.dag_id}: {runs[cfg.dag_id]}", flush=True)
+    print(f"waiting for {len(runs)} run(s) (up to {args.timeout:.0f} s) ...", flush=True)
+    final = client.wait_for_runs(runs, timeout=args.timeout)
+    rows = [describe(client, cfg, final[cfg.dag_id]) for cfg in workflows]
+    print()
+    print_table(rows)
+    print(f"""
+Airflow UI  {base_url}   user: admin   password: {admin_password(airflow_home)}
+            (generated on first start; kept in {airflow_home}/simple_auth_manager_passwords.json.generated)
+MLflow UI   {os.environ.get('MLFLOW_TRACKING_URI', 'http://127.0.0.1:5000')}
+Both keep running; stop them with: make down""")
+    return 0 if all(r["state"] == "success" for r in final.values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
