@@ -18,7 +18,6 @@ Results: MLflow experiment `power-forecast`, registered model `power_lgbm`.
 from __future__ import annotations
 
 import pendulum
-
 from airflow.sdk import dag, task
 from common import alerts, config
 
@@ -42,17 +41,22 @@ def power_lgbm_training() -> None:
     @task
     def prepare() -> dict:
         """Fetch, validate, and snapshot the data; returns its URI and data version."""
+        from common.failures import permanent_errors_fail_fast
         from scripts import power_pipeline
 
-        return power_pipeline.prepare()
+        with permanent_errors_fail_fast():  # bad data fails the same on every try
+            return power_pipeline.prepare()
 
     @task
     def train(snapshot: dict, **context) -> dict:
         """Fit and log the model; returns the MLflow run id and model URI."""
+        from common.failures import permanent_errors_fail_fast
         from common.mlflow_utils import AirflowIdentity
         from scripts import power_pipeline
 
-        return power_pipeline.train(snapshot, context["params"], AirflowIdentity.from_context(context))
+        with permanent_errors_fail_fast():
+            who = AirflowIdentity.from_context(context)
+            return power_pipeline.train(snapshot, context["params"], who)
 
     @task
     def evaluate(snapshot: dict, trained: dict) -> dict:

@@ -146,8 +146,9 @@ def task_run(experiment: str, who: AirflowIdentity, data_version: str,
     if existing:
         log.info("resuming MLflow run %s of an earlier try of %s", existing, who.task_id)
     run_name = f"{who.dag_id}.{who.run_id}"[:250]
-    with mlflow.start_run(run_id=existing, experiment_id=experiment_id,
-                          run_name=None if existing else run_name) as run:
+    # The fluent API refuses to resume a run outside the active experiment: make it this one.
+    mlflow.set_experiment(experiment_id=experiment_id)
+    with mlflow.start_run(run_id=existing, run_name=None if existing else run_name) as run:
         mlflow.set_tags({**who.tags(), TAG_GIT_COMMIT: git_commit(),
                          TAG_DATA_VERSION: data_version, **(extra_tags or {})})
         yield run
@@ -156,7 +157,8 @@ def task_run(experiment: str, who: AirflowIdentity, data_version: str,
 @contextlib.contextmanager
 def reopen_run(run_id: str) -> Iterator[mlflow.ActiveRun]:
     """Continue a run a previous task created (evaluate adds to what train logged)."""
-    configure()
+    client = configure()
+    mlflow.set_experiment(experiment_id=client.get_run(run_id).info.experiment_id)
     with mlflow.start_run(run_id=run_id) as run:
         yield run
 

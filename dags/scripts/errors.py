@@ -32,3 +32,7 @@ class DataValidationError(PipelineError):
 
 class TrainingError(PipelineError):
     """Training could not produce a usable model."""
+
+
+class ParameterError(PipelineError, ValueError):
+    """A run parameter is unknown or has the wrong type."""

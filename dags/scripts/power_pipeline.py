@@ -23,7 +23,9 @@ from typing import Any
 
 from common import config, mlflow_utils, registry
 from common.mlflow_utils import AirflowIdentity
+
 from scripts import power_data, power_model
+from scripts.errors import ParameterError
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +38,12 @@ def model_params(overrides: Mapping[str, Any] | None) -> power_model.ModelParams
     overrides = dict(overrides or {})
     unknown = set(overrides) - set(known)
     if unknown:
-        raise ValueError(f"unknown power_lgbm_training params {sorted(unknown)}; known: {sorted(known)}")
+        raise ParameterError(f"unknown power_lgbm_training params {sorted(unknown)}; known: {sorted(known)}")
     defaults = power_model.ModelParams()
-    typed = {k: type(getattr(defaults, k))(v) for k, v in overrides.items()}
+    try:
+        typed = {k: type(getattr(defaults, k))(v) for k, v in overrides.items()}
+    except (TypeError, ValueError) as exc:
+        raise ParameterError(f"power_lgbm_training params {overrides}: {exc}") from None
     return dataclasses.replace(defaults, **typed)
 
 

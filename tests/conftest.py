@@ -1,0 +1,88 @@
+"""Shared fixtures. Every server a test needs is started here on 127.0.0.1 and stopped after.
+
+Airflow reads its configuration once, at import, so the environment that isolates the test run
+(a throw-away AIRFLOW_HOME with its own SQLite DB, VTM_HOME for data and locks) is set at the top
+of this module, before any test imports airflow.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+VENV_BIN = Path(sys.executable).parent
+
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="vtm-tests-"))
+os.environ["AIRFLOW_HOME"] = str(_SESSION_DIR / "airflow")
+os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(ROOT / "dags")
+os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+os.environ["AIRFLOW__CORE__UNIT_TEST_MODE"] = "False"
+os.environ["VTM_HOME"] = str(_SESSION_DIR / "vtm")
+os.environ.pop("DATA_MIRROR", None)  # tests say which data they read
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ["PATH"] = f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"
+os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+sys.path[:0] = [str(ROOT / "dags"), str(ROOT)]
+
+from tests.helpers import free_port, stop_group, wait_http  # noqa: E402
+from tests.uci_synth import write_uci_file  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> str:
+    """A real MLflow tracking server (SQLite + local artifacts), one worker, 127.0.0.1 only."""
+    store = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    log = store / "server.log"
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "1", "--backend-store-uri", f"sqlite:///{store}/mlflow.db",
+             "--artifacts-destination", str(store / "artifacts"), "--serve-artifacts"],
+            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{uri}/health", 120, proc, log)
+        os.environ["MLFLOW_TRACKING_URI"] = uri
+        yield uri
+    finally:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+        stop_group(proc)
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> Path:
+    """A migrated metadata DB (SQLite) in the session's AIRFLOW_HOME, with the project's pools."""
+    home = Path(os.environ["AIRFLOW_HOME"])
+    home.mkdir(parents=True, exist_ok=True)
+    subprocess.run([str(VENV_BIN / "airflow"), "db", "migrate"], check=True, capture_output=True)
+    pools = home / "pools.json"
+    pools.write_text(subprocess.run([sys.executable, str(ROOT / "dags/common/config.py"), "pools"],
+                                    check=True, capture_output=True, text=True).stdout)
+    subprocess.run([str(VENV_BIN / "airflow"), "pools", "import", str(pools)], check=True,
+                   capture_output=True)
+    return home
+
+
+@pytest.fixture(scope="session")
+def synthetic_uci(tmp_path_factory) -> Path:
+    """A small UCI-format zip: 120 days of minutes with '?' gaps and one long outage."""
+    path = tmp_path_factory.mktemp("uci") / "household_power_consumption.zip"
+    write_uci_file(path, days=120, seed=1)
+    return path
+
+
+@pytest.fixture
+def real_power_zip() -> Path:
+    path = SHARED_DATA / "household_power" / "household_power_consumption.zip"
+    if not path.is_file():
+        pytest.skip(f"real data not present at {path} (see ../shared/data/README.md)")
+    return path

@@ -1,0 +1,73 @@
+"""Features, fit and scoring of the power model (no MLflow)."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import date
+
+import numpy as np
+import pandas as pd
+import pytest
+from scripts import power_data, power_model, power_pipeline
+from scripts.errors import TrainingError
+
+SMALL = dict(eval_weeks=2, validation_weeks=2, num_boost_round=200)
+
+
+@pytest.fixture(scope="module")
+def hourly(synthetic_uci, tmp_path_factory) -> pd.DataFrame:
+    snap = power_data.prepare(synthetic_uci, tmp_path_factory.mktemp("snaps"))
+    return power_data.load_snapshot(snap.uri)
+
+
+def test_features_use_only_days_before_the_forecast_day(hourly):
+    table = power_model.build_features(hourly)
+    day = table.day.unique()[60]
+    changed = hourly.copy()
+    changed.loc[day:, :] = changed.loc[day:, :] * 3 + 1  # rewrite the forecast day and after
+    after = power_model.build_features(changed)
+    rows = (table.day == day).to_numpy()
+    pd.testing.assert_frame_equal(table.features[rows], after.features[rows])
+    assert not np.allclose(table.target[rows], after.target[rows])
+
+
+def test_baselines_are_the_same_hour_one_day_and_one_week_earlier(hourly):
+    table = power_model.build_features(hourly)
+    i = 24 * 50 + 13  # day 50, 13:00
+    y = hourly[power_model.TARGET].to_numpy()
+    assert table.baselines["same_hour_yesterday"][i] == pytest.approx(y[i - 24], nan_ok=True)
+    assert table.baselines["same_hour_last_week"][i] == pytest.approx(y[i - 168], nan_ok=True)
+
+
+def test_fit_beats_seasonal_naive_on_a_patterned_household(hourly):
+    params = dataclasses.replace(power_model.ModelParams(), **SMALL)
+    table = power_model.build_features(hourly)
+    result = power_model.fit(table, params)
+    assert result.window_start == table.day.iloc[-1] - pd.Timedelta(days=13)
+    evaluation = power_model.score(result.booster.predict, table, result.window_start)
+    m = evaluation.metrics
+    assert m["baseline_mae"] == min(m["baseline_mae_same_hour_yesterday"], m["baseline_mae_same_hour_last_week"])
+    assert m["skill_mae"] == pytest.approx(1 - m["mae"] / m["baseline_mae"])
+    assert m["skill_mae"] > 0.1
+    assert evaluation.frame["timestamp"].min() >= result.window_start
+    assert evaluation.frame["actual"].notna().all()
+
+
+def test_too_little_history_is_a_training_error(hourly):
+    table = power_model.build_features(hourly.iloc[: 24 * 60])
+    with pytest.raises(TrainingError, match="not enough history"):
+        power_model.fit(table, power_model.ModelParams())
+
+
+def test_french_holidays():
+    days = power_model.french_holidays(range(2009, 2010))
+    assert date(2009, 4, 13) in days  # Easter Monday 2009
+    assert date(2009, 5, 21) in days  # Ascension
+    assert date(2009, 7, 14) in days and date(2009, 7, 15) not in days
+
+
+def test_pipeline_params_reject_unknown_keys_and_cast_types():
+    params = power_pipeline.model_params({"num_boost_round": "50", "learning_rate": "0.1"})
+    assert (params.num_boost_round, params.learning_rate) == (50, 0.1)
+    with pytest.raises(ValueError, match="num_boost_rounds"):
+        power_pipeline.model_params({"num_boost_rounds": 5})

@@ -1,0 +1,146 @@
+"""Registry gate and MLflow run handling against a real MLflow server."""
+
+from __future__ import annotations
+
+import multiprocessing
+import uuid
+
+import mlflow
+import pytest
+from common import mlflow_utils, registry
+from common.config import PromotionGate
+from common.mlflow_utils import AirflowIdentity
+
+pytestmark = pytest.mark.e2e
+
+GATE = PromotionGate(metric="mae", greater_is_better=False, threshold_metric="skill_mae",
+                     threshold=0.1, min_improvement=0.02)
+
+
+class Constant(mlflow.pyfunc.PythonModel):
+    def predict(self, context, model_input, params=None):
+        return [0.0] * len(model_input)
+
+
+def logged_model(experiment: str) -> tuple[str, str]:
+    mlflow_utils.configure()
+    mlflow.set_experiment(experiment)
+    with mlflow.start_run() as run:
+        info = mlflow.pyfunc.log_model(name="model", python_model=Constant(), pip_requirements=[])
+    return run.info.run_id, info.model_uri
+
+
+def register(name: str, experiment: str, metrics: dict) -> tuple[str, str]:
+    run_id, uri = logged_model(experiment)
+    return registry.register_challenger(name, uri, run_id, metrics, {"data_version": "d1"}), run_id
+
+
+@pytest.fixture
+def model_name(mlflow_server) -> str:
+    return f"test_model_{uuid.uuid4().hex[:8]}"
+
+
+def champion(name: str) -> str | None:
+    mv = registry.alias_version(mlflow_utils.configure(), name, registry.CHAMPION)
+    return mv.version if mv else None
+
+
+def test_first_passing_version_becomes_champion(model_name):
+    v1, run_id = register(model_name, "reg-tests", {"mae": 0.5, "skill_mae": 0.2})
+    decision = registry.decide(model_name, v1, GATE, {"mae": 0.5, "skill_mae": 0.2}, None, None)
+    assert decision.decision == registry.PROMOTED and champion(model_name) == v1
+    tags = mlflow_utils.configure().get_model_version(model_name, v1).tags
+    assert tags["decision"] == "promoted" and "no champion yet" in tags["decision_reason"]
+    assert tags["mlflow_run_id"] == run_id and tags["metric.mae"] == "0.5"
+    # Registering the same run again creates no second version.
+    again = registry.register_challenger(model_name, f"runs:/{run_id}/model", run_id, {"mae": 0.5}, {})
+    assert again == v1
+
+
+def test_threshold_worse_and_marginal_challengers_leave_champion(model_name):
+    v1, _ = register(model_name, "reg-tests", {"mae": 0.5, "skill_mae": 0.2})
+    registry.decide(model_name, v1, GATE, {"mae": 0.5, "skill_mae": 0.2}, None, None)
+    cases = [
+        ({"mae": 0.3, "skill_mae": 0.05}, "fails the gate"),  # better, but under the threshold
+        ({"mae": 0.6, "skill_mae": 0.15}, "does not beat"),  # worse than the champion
+        ({"mae": 0.495, "skill_mae": 0.2}, "does not beat"),  # better by less than 2 %
+    ]
+    for metrics, why in cases:
+        version, _ = register(model_name, "reg-tests", metrics)
+        decision = registry.decide(model_name, version, GATE, metrics, 0.5, v1)
+        assert decision.decision == registry.REJECTED and why in decision.reason
+        assert champion(model_name) == v1
+        client = mlflow_utils.configure()
+        assert client.get_model_version_by_alias(model_name, registry.CHALLENGER).version == version
+        assert client.get_model_version(model_name, version).tags["decision"] == "rejected"
+
+
+def test_better_challenger_takes_over_and_decision_is_idempotent(model_name):
+    v1, _ = register(model_name, "reg-tests", {"mae": 0.5, "skill_mae": 0.2})
+    registry.decide(model_name, v1, GATE, {"mae": 0.5, "skill_mae": 0.2}, None, None)
+    v2, _ = register(model_name, "reg-tests", {"mae": 0.4, "skill_mae": 0.3})
+    first = registry.decide(model_name, v2, GATE, {"mae": 0.4, "skill_mae": 0.3}, 0.5, v1)
+    assert first.decision == registry.PROMOTED and (first.champion_before, first.champion_after) == (v1, v2)
+    again = registry.decide(model_name, v2, GATE, {"mae": 0.4, "skill_mae": 0.3}, 0.5, v1)
+    assert again.decision == registry.PROMOTED and champion(model_name) == v2
+
+
+def test_stale_evaluation_never_promotes(model_name):
+    v1, _ = register(model_name, "reg-tests", {"mae": 0.5, "skill_mae": 0.2})
+    registry.decide(model_name, v1, GATE, {"mae": 0.5, "skill_mae": 0.2}, None, None)
+    v2, _ = register(model_name, "reg-tests", {"mae": 0.1, "skill_mae": 0.8})
+    # Evaluated when there was no champion yet: the comparison no longer holds.
+    decision = registry.decide(model_name, v2, GATE, {"mae": 0.1, "skill_mae": 0.8}, None, None)
+    assert decision.decision == registry.REJECTED and "champion changed" in decision.reason
+    assert champion(model_name) == v1
+
+
+def test_approval_required_waits_then_promotes(model_name):
+    gate = PromotionGate(**{**GATE.__dict__, "require_approval": True})
+    v1, _ = register(model_name, "reg-tests", {"mae": 0.5, "skill_mae": 0.2})
+    decision = registry.decide(model_name, v1, gate, {"mae": 0.5, "skill_mae": 0.2}, None, None)
+    assert decision.decision == registry.PENDING and champion(model_name) is None
+    approved = registry.approve(model_name, v1, "alice")
+    assert approved.decision == registry.PROMOTED and champion(model_name) == v1
+    assert "approved by alice" in approved.reason
+    with pytest.raises(ValueError, match="not 'pending_approval'"):
+        registry.approve(model_name, v1, "bob")
+
+
+def _race(args):
+    name, version, uri = args
+    import os
+
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    return registry.decide(name, version, GATE, {"mae": 0.3, "skill_mae": 0.5}, None, None).decision
+
+
+def test_two_runs_finishing_at_once_cannot_both_win(model_name, mlflow_server):
+    versions = [register(model_name, "reg-tests", {"mae": 0.3, "skill_mae": 0.5})[0] for _ in range(2)]
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(2) as pool:
+        outcomes = pool.map(_race, [(model_name, v, mlflow_server) for v in versions])
+    assert sorted(outcomes) == [registry.PROMOTED, registry.REJECTED]
+    assert champion(model_name) == versions[outcomes.index(registry.PROMOTED)]
+
+
+def test_retried_task_continues_its_own_run(mlflow_server):
+    who = AirflowIdentity("dag_x", f"manual__{uuid.uuid4().hex}", "train", try_number=1)
+    with pytest.raises(RuntimeError):
+        with mlflow_utils.task_run("resume-tests", who, "d1") as run:
+            mlflow.log_metric("epoch_loss", 1.0, step=0)
+            raise RuntimeError("worker killed")
+    first_id = run.info.run_id
+    retry = AirflowIdentity(who.dag_id, who.run_id, who.task_id, try_number=2)
+    with mlflow_utils.task_run("resume-tests", retry, "d1") as run:
+        mlflow.log_metric("epoch_loss", 0.5, step=1)
+    assert run.info.run_id == first_id
+    client = mlflow_utils.configure()
+    finished = client.get_run(first_id)
+    assert finished.info.status == "FINISHED"
+    assert finished.data.tags["airflow.try_number"] == "2"
+    assert finished.data.tags["data_version"] == "d1" and finished.data.tags["git_commit"]
+    assert [m.value for m in client.get_metric_history(first_id, "epoch_loss")] == [1.0, 0.5]
+    runs = mlflow.search_runs(experiment_names=["resume-tests"], output_format="list",
+                              filter_string=f"tags.`airflow.run_id` = '{who.run_id}'")
+    assert len(runs) == 1
