@@ -123,3 +123,27 @@ def test_mirror_layout_is_read(tmp_path, monkeypatch, synthetic_uci):
     monkeypatch.setenv("DATA_MIRROR", str(tmp_path / "mirror"))
     snap = power_data.prepare(None, tmp_path / "snaps")
     assert snap.source.startswith(str(mirror))
+
+
+def test_download_when_no_mirror(tmp_path, monkeypatch, synthetic_uci):
+    """With no mirror the official URL is fetched (here from a local HTTP server) and cached."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(synthetic_uci.parent))
+    handler.log_message = lambda *a: None
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setattr(power_data, "OFFICIAL_URLS", [
+            "http://127.0.0.1:9/unreachable.zip",  # first mirror down: the next one is tried
+            f"http://127.0.0.1:{server.server_port}/{synthetic_uci.name}"])
+        monkeypatch.setenv("VTM_DATA_DIR", str(tmp_path / "data"))
+        snap = power_data.prepare(None, tmp_path / "snaps")
+    finally:
+        server.shutdown()
+    cached = tmp_path / "data" / "raw" / power_data.MIRROR_PATH
+    assert cached.read_bytes() == synthetic_uci.read_bytes()
+    assert snap.source.startswith(str(cached))
+    assert not list(cached.parent.glob(".part-*")), "no partial download left behind"

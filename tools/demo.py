@@ -42,7 +42,7 @@ def describe(client: AirflowClient, cfg: config.WorkflowConfig, record: dict) ->
     from mlflow.tracking import MlflowClient
 
     row = {"dag_id": cfg.dag_id, "state": record["state"], "duration": f"{seconds(record):.0f} s",
-           "metric": "-", "model": "-", "alias": "-", "mlflow_run": "-"}
+           "metric": "-", "model": "-", "alias": "-", "champion": "-", "mlflow_run": "-"}
     trained = client.xcom(cfg.dag_id, record["dag_run_id"], "train")
     decision = client.xcom(cfg.dag_id, record["dag_run_id"], "register")
     if isinstance(trained, dict) and trained.get("run_id"):
@@ -59,7 +59,8 @@ def describe(client: AirflowClient, cfg: config.WorkflowConfig, record: dict) ->
             decision["model_name"], decision["version"])
         row["alias"] = ",".join(mv.aliases) or decision["decision"]
         if decision["decision"] != "promoted":
-            row["alias"] += f" ({decision['decision']})"
+            row["alias"] += f" ({decision['decision']}: {decision['reason']})"
+        row["champion"] = f"v{decision['champion_after']}" if decision["champion_after"] else "none"
     return row
 
 
@@ -83,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     client.wait_for_dags([cfg.dag_id for cfg in workflows])
     runs = {}
     for cfg in workflows:
+        # Unpausing also lets the scheduler create the latest scheduled run (catchup is off); it
+        # runs after or before this one (max_active_runs) and goes through the same gate.
         runs[cfg.dag_id] = client.trigger(cfg.dag_id, dict(cfg.demo_conf))
         client.unpause(cfg.dag_id)
         print(f"triggered {cfg.dag_id}: {runs[cfg.dag_id]}", flush=True)
