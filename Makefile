@@ -31,7 +31,7 @@ demo: up
 down:
 	tools/stack.sh down
 
-test: venv
+test: venv lint
 	$(BIN)/python -m pytest
 
 test-fast: venv

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import pendulum
 from airflow.sdk import dag, task
+
 from common import alerts, config
 
 CFG = config.get("power_lgbm_training")

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
 VENV_BIN = Path(sys.executable).parent
 
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="vtm-tests-"))
@@ -31,7 +30,7 @@ os.environ["PATH"] = f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 sys.path[:0] = [str(ROOT / "dags"), str(ROOT)]
 
-from tests.helpers import free_port, stop_group, wait_http  # noqa: E402
+from tests.helpers import SHARED_DATA, free_port, stop_group, wait_http  # noqa: E402
 from tests.uci_synth import write_uci_file  # noqa: E402
 
 

@@ -10,6 +10,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
 
 def free_port() -> int:
     with socket.socket() as sock:

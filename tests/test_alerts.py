@@ -10,8 +10,8 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from types import SimpleNamespace
 
 import pytest
-from common import alerts
 
+from common import alerts
 from tests.helpers import free_port
 
 

@@ -6,9 +6,9 @@ import zipfile
 
 import numpy as np
 import pytest
+
 from scripts import power_data
 from scripts.errors import DataSourceError, DataValidationError
-
 from tests.uci_synth import HEADER, uci_lines, write_uci_file
 
 

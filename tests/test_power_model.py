@@ -8,6 +8,7 @@ from datetime import date
 import numpy as np
 import pandas as pd
 import pytest
+
 from scripts import power_data, power_model, power_pipeline
 from scripts.errors import TrainingError
 

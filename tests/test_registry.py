@@ -7,6 +7,7 @@ import uuid
 
 import mlflow
 import pytest
+
 from common import mlflow_utils, registry
 from common.config import PromotionGate
 from common.mlflow_utils import AirflowIdentity

@@ -17,7 +17,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "dags"), str(ROOT)]
 
 from common import config  # noqa: E402
-
 from tools.airflow_api import AirflowClient  # noqa: E402
 
 
@@ -38,8 +37,9 @@ def seconds(record: dict) -> float:
 
 def describe(client: AirflowClient, cfg: config.WorkflowConfig, record: dict) -> dict[str, str]:
     """One table row: the run's outcome and what it left in MLflow."""
-    from common import mlflow_utils
     from mlflow.tracking import MlflowClient
+
+    from common import mlflow_utils
 
     row = {"dag_id": cfg.dag_id, "state": record["state"], "duration": f"{seconds(record):.0f} s",
            "metric": "-", "model": "-", "alias": "-", "champion": "-", "mlflow_run": "-"}

@@ -23,7 +23,6 @@ from typing import Any
 
 from common import config, mlflow_utils, registry
 from common.mlflow_utils import AirflowIdentity
-
 from scripts import power_data, power_model
 from scripts.errors import ParameterError
 

@@ -9,7 +9,7 @@ import mlflow
 import pytest
 
 from common import config, mlflow_utils, registry
-from tests.conftest import SHARED_DATA
+from tests.helpers import SHARED_DATA
 
 pytestmark = pytest.mark.e2e
 
