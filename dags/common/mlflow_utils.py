@@ -40,12 +40,16 @@ def tracking_uri() -> str:
         from airflow.sdk import BaseHook
 
         conn = BaseHook.get_connection(MLFLOW_CONN_ID)
-        if uri := (conn.extra_dejson.get("tracking_uri") or conn.get_uri()):
+        extra = conn.extra_dejson or {}
+        uri = extra.get("tracking_uri")
+        if not uri and conn.host:
+            uri = f"{extra.get('scheme', 'http')}://{conn.host}" + (f":{conn.port}" if conn.port else "")
+        if uri:
             # Credentials for basic auth travel in the environment MLflow's client reads.
             if conn.login:
                 os.environ.setdefault("MLFLOW_TRACKING_USERNAME", conn.login)
                 os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", conn.password or "")
-            return uri.replace("mlflow://", "http://", 1)
+            return uri
     return DEFAULT_TRACKING_URI
 
 
