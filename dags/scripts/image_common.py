@@ -1,0 +1,122 @@
+"""What the image-classification trainers share: profiles, run settings, per-epoch and final results.
+
+Pure standard library + numpy: the PyTorch and the Keras trainer both speak these types, so the
+pipeline (MLflow, registry) and the DAGs do not care which framework trained the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+FRAMEWORKS = ("pytorch", "tensorflow")
+PROFILES = ("smoke", "fast", "quality")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """How much work a run does. ``train_subset``/``test_subset`` of 0 mean the whole split."""
+
+    epochs: int
+    batch_size: int
+    train_subset: int = 0
+    test_subset: int = 0
+    tta: bool = False  # test-time augmentation (horizontal flip), where it pays (CIFAR-10)
+
+
+# Per data set: smoke trains on a small subset on the CPU in seconds (the test suite's profile);
+# fast and quality are the real recipes (figures in docs/performance.md).
+PROFILE_TABLE: dict[str, dict[str, Profile]] = {
+    "mnist": {
+        "smoke": Profile(epochs=2, batch_size=128, train_subset=2000, test_subset=500),
+        "fast": Profile(epochs=4, batch_size=256),
+        "quality": Profile(epochs=12, batch_size=256),
+    },
+    "cifar10": {
+        "smoke": Profile(epochs=2, batch_size=128, train_subset=2000, test_subset=500),
+        "fast": Profile(epochs=10, batch_size=512, tta=True),
+        "quality": Profile(epochs=40, batch_size=512, tta=True),
+    },
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    dataset: str  # "mnist" | "cifar10"
+    profile: str = "smoke"
+    framework: str = "pytorch"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    epochs: int | None = None  # override the profile's
+    batch_size: int | None = None
+    learning_rate: float | None = None  # peak of the one-cycle schedule (None: the recipe's)
+
+    def __post_init__(self) -> None:
+        if self.dataset not in PROFILE_TABLE:
+            raise ValueError(f"dataset must be one of {sorted(PROFILE_TABLE)}, not {self.dataset!r}")
+        if self.profile not in PROFILES:
+            raise ValueError(f"profile must be one of {PROFILES}, not {self.profile!r}")
+        if self.framework not in FRAMEWORKS:
+            raise ValueError(f"framework must be one of {FRAMEWORKS}, not {self.framework!r}")
+
+    @property
+    def recipe(self) -> Profile:
+        base = PROFILE_TABLE[self.dataset][self.profile]
+        return Profile(epochs=self.epochs or base.epochs, batch_size=self.batch_size or base.batch_size,
+                       train_subset=base.train_subset, test_subset=base.test_subset, tta=base.tta)
+
+    def to_params(self) -> dict[str, object]:
+        return {**asdict(self), **{f"recipe_{k}": v for k, v in asdict(self.recipe).items()}}
+
+
+@dataclass(frozen=True)
+class ImageArrays:
+    """A data set in memory: images uint8 (N, H, W, C), labels int64 (N,), class names."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    classes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class EpochResult:
+    epoch: int  # 1-based
+    total_epochs: int
+    train_loss: float
+    val_accuracy: float
+    seconds: float  # this epoch's training loop
+    device: str
+
+
+@dataclass
+class TrainResult:
+    test_accuracy: float
+    train_seconds: float  # training loop only (no data loading, no evaluation)
+    images_per_second: float
+    device: str
+    predictions: np.ndarray  # predicted class per test image (for the confusion matrix)
+    history: list[EpochResult] = field(default_factory=list)
+    resumed_from_epoch: int = 0
+    model: object = None  # the framework's model object, for logging
+
+
+EpochCallback = Callable[[EpochResult], None]
+
+
+def subset(arrays: ImageArrays, recipe: Profile, seed: int) -> ImageArrays:
+    """The profile's class-balanced-in-expectation random subset (whole splits when 0)."""
+    rng = np.random.default_rng(seed)
+
+    def pick(x: np.ndarray, y: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        if not n or n >= len(y):
+            return x, y
+        idx = np.sort(rng.choice(len(y), size=n, replace=False))
+        return x[idx], y[idx]
+
+    x_train, y_train = pick(arrays.x_train, arrays.y_train, recipe.train_subset)
+    x_test, y_test = pick(arrays.x_test, arrays.y_test, recipe.test_subset)
+    return ImageArrays(x_train, y_train, x_test, y_test, arrays.classes)
