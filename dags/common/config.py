@@ -76,6 +76,9 @@ class WorkflowConfig:
     retry_delay: timedelta = timedelta(minutes=2)
     execution_timeout: timedelta = timedelta(hours=1)
     owner: str = "ml-platform"
+    # Where the non-training tasks (prepare, evaluate, register) run, when not where training does.
+    support_pool: str | None = None
+    support_queue: str | None = None
     # The schedule is read in this zone (dawn in Paris, the close in New York), not in UTC.
     timezone: str = "UTC"
     start_date: str = "2026-01-01"
@@ -91,14 +94,53 @@ class WorkflowConfig:
         """Task defaults for the DAG: where tasks run and how they retry."""
         return {
             "owner": self.owner,
-            "pool": self.pool,
-            "pool_slots": self.pool_slots,
-            "queue": self.queue,
+            "pool": self.support_pool or self.pool,
+            "pool_slots": 1 if self.support_pool else self.pool_slots,
+            "queue": self.support_queue or self.queue,
             "priority_weight": self.priority_weight,
             "retries": self.retries,
             "retry_delay": self.retry_delay,
             "execution_timeout": self.execution_timeout,
         }
+
+
+    def train_task_args(self) -> dict[str, object]:
+        """Where the training task runs (the GPU for the CNNs)."""
+        return {"pool": self.pool, "pool_slots": self.pool_slots, "queue": self.queue}
+
+
+def _weekly_if_enabled(cron: str) -> str | None:
+    """CNN workflows are manual unless VTM_CNN_WEEKLY=1 turns their weekly retrain on."""
+    return cron if os.environ.get("VTM_CNN_WEEKLY", "").lower() in ("1", "true", "yes") else None
+
+
+def _image_workflow(dataset: str, name: str, min_accuracy: float, weekday: int) -> WorkflowConfig:
+    return WorkflowConfig(
+        dag_id=f"{name}_cnn_training",
+        description=f"{dataset} image classifier (PyTorch or Keras CNN), GPU-routed training",
+        schedule=_weekly_if_enabled(f"0 2 * * {weekday}"),
+        pool="gpu_pool",
+        queue="gpu_queue",
+        support_pool="default_pool",
+        support_queue="default",
+        experiment=f"{name}-cnn",
+        model_name=f"{name}_cnn",
+        priority_weight=3,
+        retries=2,
+        execution_timeout=timedelta(hours=2),
+        tags=("vision", "cnn", name),
+        gate=PromotionGate(
+            metric="test_accuracy",
+            greater_is_better=True,
+            threshold_metric="test_accuracy",
+            threshold=min_accuracy,  # on the full test set; smoke runs never promote
+            require_approval=False,
+        ),
+        params={"profile": "fast", "framework": "pytorch"},
+        headline_metric="test_accuracy",
+        baseline_metric="baseline_accuracy",
+        demo_conf={"profile": "smoke"},
+    )
 
 
 # Register tasks of every workflow share this one-slot pool, so two runs (of any DAG, on any
@@ -140,6 +182,8 @@ WORKFLOWS: dict[str, WorkflowConfig] = {
             # No declared params: a run's conf may override any field of
             # scripts.power_model.ModelParams (the trainer owns its defaults; unknown keys fail).
         ),
+        _image_workflow("MNIST", "mnist", 0.99, weekday=6),
+        _image_workflow("CIFAR-10", "cifar10", 0.90, weekday=6),
     )
 }
 

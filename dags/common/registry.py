@@ -110,12 +110,13 @@ def register_challenger(model_name: str, model_uri: str, run_id: str,
 
 
 def decide(model_name: str, version: str, gate: PromotionGate, metrics: Mapping[str, float],
-           champion_score: float | None, evaluated_against: str | None) -> Decision:
+           champion_score: float | None, evaluated_against: str | None,
+           ineligible_reason: str | None = None) -> Decision:
     """Apply the gate and record why; move ``champion`` only if every condition holds.
 
     ``metrics`` are the challenger's metrics; ``champion_score`` is the champion's ``gate.metric``
     on the same evaluation data and ``evaluated_against`` that champion's version (None: there was
-    no champion at evaluation time).
+    no champion at evaluation time). ``ineligible_reason`` (e.g. "smoke profile") rejects outright.
     """
     client = configure()
     with promotion_lock(model_name):
@@ -127,7 +128,10 @@ def decide(model_name: str, version: str, gate: PromotionGate, metrics: Mapping[
             # Already decided by an earlier try of this task: report, change nothing.
             return Decision(model_name, version, recorded.get(TAG_DECISION, PROMOTED),
                             recorded.get(TAG_REASON, "already champion"), before, before)
-        decision, reason = _judge(gate, metrics, champion_score, evaluated_against, before)
+        if ineligible_reason:
+            decision, reason = REJECTED, f"not eligible for promotion: {ineligible_reason}"
+        else:
+            decision, reason = _judge(gate, metrics, champion_score, evaluated_against, before)
         after = before
         if decision == PROMOTED:
             client.set_registered_model_alias(model_name, CHAMPION, version)

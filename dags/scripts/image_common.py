@@ -30,12 +30,12 @@ class Profile:
 # fast and quality are the real recipes (figures in docs/performance.md).
 PROFILE_TABLE: dict[str, dict[str, Profile]] = {
     "mnist": {
-        "smoke": Profile(epochs=2, batch_size=128, train_subset=2000, test_subset=500),
+        "smoke": Profile(epochs=2, batch_size=32, train_subset=2000, test_subset=500),
         "fast": Profile(epochs=4, batch_size=256),
         "quality": Profile(epochs=12, batch_size=256),
     },
     "cifar10": {
-        "smoke": Profile(epochs=2, batch_size=128, train_subset=2000, test_subset=500),
+        "smoke": Profile(epochs=2, batch_size=32, train_subset=2000, test_subset=500),
         "fast": Profile(epochs=10, batch_size=512, tta=True),
         "quality": Profile(epochs=40, batch_size=512, tta=True),
     },

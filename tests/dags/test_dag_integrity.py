@@ -49,8 +49,11 @@ def test_dag_matches_its_config(dagbag, dag_file):
         assert task.retries >= 1 and task.retries == cfg.retries
         assert task.execution_timeout == cfg.execution_timeout
         assert task.on_failure_callback and task.on_retry_callback
-        assert task.queue == cfg.queue, task.task_id
-        expected_pool = config.REGISTRY_POOL.name if task.task_id == "register" else cfg.pool
+        # Training goes where config says (the GPU for the CNNs); the rest to the support queue.
+        training = task.task_id == "train"
+        assert task.queue == (cfg.queue if training else cfg.support_queue or cfg.queue), task.task_id
+        expected_pool = (config.REGISTRY_POOL.name if task.task_id == "register"
+                         else cfg.pool if training else cfg.support_pool or cfg.pool)
         assert task.pool == expected_pool, task.task_id
 
 

@@ -1,0 +1,48 @@
+"""
+### mnist_cnn_training
+
+MNIST handwritten digits: a compact CNN trained with a fast recipe (whole data set on the device, large batches,
+one-cycle schedule, mixed precision and channels-last on CUDA), on the GPU worker when there is one.
+
+`prepare` validates the four official IDX files (torchvision's download, or `DATA_MIRROR/mnist/`) and writes a versioned array snapshot -> `train` (GPU pool and queue;
+PyTorch, or `framework="tensorflow"` for Keras 3; per-epoch metrics and checkpoints, a retry resumes)
+-> `evaluate` scores the logged model, a nearest-centroid baseline and the champion on the same test
+images -> `register` registers `mnist_cnn`; `champion` moves only when test accuracy >= 0.99 and
+beats the champion. The `smoke` profile (small subset, CPU, seconds) never promotes.
+
+Params: `profile` (smoke | fast | quality), `framework` (pytorch | tensorflow), and optionally
+`epochs`, `batch_size`, `learning_rate`, `seed`, `device` (auto | cpu | cuda).
+"""
+
+from __future__ import annotations
+
+import pendulum
+
+from airflow.sdk import dag
+from common import alerts, config, image_tasks
+
+CFG = config.get("mnist_cnn_training")
+
+
+@dag(
+    dag_id=CFG.dag_id,
+    description=CFG.description,
+    schedule=CFG.schedule,
+    start_date=pendulum.parse(CFG.start_date, tz=CFG.timezone),
+    catchup=False,
+    max_active_runs=CFG.max_active_runs,
+    default_args={**CFG.default_args(), **alerts.task_callbacks()},
+    on_success_callback=alerts.on_success,
+    params=dict(CFG.params),
+    tags=list(CFG.tags),
+    doc_md=__doc__,
+)
+def mnist_cnn_training() -> None:
+    prepare, train, evaluate, register = image_tasks.build("mnist", CFG)
+
+    snapshot = prepare()
+    trained = train(snapshot)
+    register(snapshot, trained, evaluate(snapshot, trained))
+
+
+mnist_cnn_training()
