@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import free_port
+from tests.image_synth import write_cifar_mirror, write_mnist_mirror
 from tests.uci_synth import write_uci_file
 
 pytestmark = pytest.mark.e2e
@@ -34,6 +35,8 @@ def post_json(url: str, body: dict) -> int:
 def test_demo_runs_every_workflow_and_leaves_both_uis_up(tmp_path):
     mirror = tmp_path / "mirror"
     write_uci_file(mirror / "household_power" / "household_power_consumption.zip", days=200, seed=9)
+    write_mnist_mirror(mirror)
+    write_cifar_mirror(mirror)
     mlflow_port, airflow_port = free_port(), free_port()
     env = {**os.environ, "VTM_HOME": str(tmp_path / "home"), "DATA_MIRROR": str(mirror),
            "MLFLOW_PORT": str(mlflow_port), "AIRFLOW_PORT": str(airflow_port),
@@ -50,6 +53,9 @@ def test_demo_runs_every_workflow_and_leaves_both_uis_up(tmp_path):
         # and it is v1 (the second run on the same data cannot beat it).
         assert "power_lgbm v" in row and "challenger" in row and " v1 " in row
         assert f"http://127.0.0.1:{mlflow_port}/#/experiments/" in row
+        for dag_id in ("mnist_cnn_training", "cifar10_cnn_training"):
+            cnn = next(line for line in demo.stdout.splitlines() if line.startswith(dag_id))
+            assert " success " in cnn and "test_accuracy=" in cnn and "smoke profile" in cnn
 
         password = json.loads((tmp_path / "home/airflow/simple_auth_manager_passwords.json.generated")
                               .read_text())["admin"]
