@@ -90,7 +90,9 @@ def _log_model(result: TrainResult, framework: str, example: np.ndarray):
         import tensorflow
 
         logits = np.asarray(result.model.predict(example, verbose=0))
-        return mlflow.keras.log_model(
+        # mlflow.tensorflow's flavor saves Keras 3 models; mlflow.keras 3.17 writes the input
+        # example before it creates the model folder and fails.
+        return mlflow.tensorflow.log_model(
             result.model, name="model", signature=infer_signature(example, logits), input_example=example,
             pip_requirements=[f"tensorflow-cpu=={tensorflow.__version__}", f"keras=={keras.__version__}",
                               f"numpy=={np.__version__}"])
