@@ -164,7 +164,7 @@ def train_torch(arrays: ImageArrays, cfg: TrainConfig, on_epoch: EpochCallback |
     # Channels-last pays on both: tensor cores on CUDA, oneDNN's blocked kernels on the CPU (1.4x).
     model = net_cls(len(data.classes)).to(device).to(memory_format=torch.channels_last)
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         (no_decay if p.ndim <= 1 else decay).append(p)
     optimizer = torch.optim.SGD([{"params": decay, "weight_decay": weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}],
