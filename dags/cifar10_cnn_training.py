@@ -17,8 +17,8 @@ Params: `profile` (smoke | fast | quality), `framework` (pytorch | tensorflow), 
 from __future__ import annotations
 
 import pendulum
-
 from airflow.sdk import dag
+
 from common import alerts, config, image_tasks
 
 CFG = config.get("cifar10_cnn_training")

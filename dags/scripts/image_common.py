@@ -24,18 +24,21 @@ class Profile:
     train_subset: int = 0
     test_subset: int = 0
     tta: bool = False  # test-time augmentation (horizontal flip), where it pays (CIFAR-10)
+    # Peak learning rate, when not the trainer's recipe default: a few dozen smoke steps on a
+    # small subset need a gentler peak than a full epoch of large batches.
+    learning_rate: float | None = None
 
 
 # Per data set: smoke trains on a small subset on the CPU in seconds (the test suite's profile);
 # fast and quality are the real recipes (figures in docs/performance.md).
 PROFILE_TABLE: dict[str, dict[str, Profile]] = {
     "mnist": {
-        "smoke": Profile(epochs=2, batch_size=32, train_subset=2000, test_subset=500),
+        "smoke": Profile(epochs=2, batch_size=32, train_subset=2000, test_subset=500, learning_rate=0.1),
         "fast": Profile(epochs=4, batch_size=256),
         "quality": Profile(epochs=12, batch_size=256),
     },
     "cifar10": {
-        "smoke": Profile(epochs=2, batch_size=32, train_subset=2000, test_subset=500),
+        "smoke": Profile(epochs=2, batch_size=32, train_subset=2000, test_subset=500, learning_rate=0.1),
         "fast": Profile(epochs=10, batch_size=512, tta=True),
         "quality": Profile(epochs=40, batch_size=512, tta=True),
     },
@@ -65,7 +68,8 @@ class TrainConfig:
     def recipe(self) -> Profile:
         base = PROFILE_TABLE[self.dataset][self.profile]
         return Profile(epochs=self.epochs or base.epochs, batch_size=self.batch_size or base.batch_size,
-                       train_subset=base.train_subset, test_subset=base.test_subset, tta=base.tta)
+                       train_subset=base.train_subset, test_subset=base.test_subset, tta=base.tta,
+                       learning_rate=self.learning_rate or base.learning_rate)
 
     def to_params(self) -> dict[str, object]:
         return {**asdict(self), **{f"recipe_{k}": v for k, v in asdict(self.recipe).items()}}

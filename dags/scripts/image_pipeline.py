@@ -94,6 +94,7 @@ def _log_model(result: TrainResult, framework: str, example: np.ndarray):
         # example before it creates the model folder and fails.
         return mlflow.tensorflow.log_model(
             result.model, name="model", signature=infer_signature(example, logits), input_example=example,
+            code_paths=[str(Path(__file__).resolve().parent)],
             pip_requirements=[f"tensorflow-cpu=={tensorflow.__version__}", f"keras=={keras.__version__}",
                               f"numpy=={np.__version__}"])
     import torch
@@ -151,6 +152,8 @@ def train(dataset: str, snapshot: Mapping[str, Any], params: Mapping[str, Any] |
 def _accuracy(model_uri: str, images: np.ndarray, labels: np.ndarray) -> float:
     import mlflow
 
+    if "tensorflow" in mlflow.models.get_model_info(model_uri).flavors:
+        import scripts.image_keras  # noqa: F401 - registers the custom layers the model uses
     model = mlflow.pyfunc.load_model(model_uri)
     logits = np.concatenate([np.asarray(model.predict(images[i:i + 1000].astype("float32")))
                              for i in range(0, len(images), 1000)])

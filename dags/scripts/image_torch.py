@@ -150,7 +150,7 @@ def train_torch(arrays: ImageArrays, cfg: TrainConfig, on_epoch: EpochCallback |
     if not cuda:
         torch.set_num_threads(max(1, os.cpu_count() or 1))
     net_cls, peak_lr, smoothing, pad, flip, weight_decay = RECIPES[cfg.dataset]
-    peak_lr = cfg.learning_rate or peak_lr
+    peak_lr = recipe.learning_rate or peak_lr
 
     channels = data.x_train.shape[-1]
     mean = torch.tensor(data.x_train.reshape(-1, channels).mean(0) / 255, device=device).view(1, -1, 1, 1).float()
