@@ -34,7 +34,7 @@ class Profile:
 PROFILE_TABLE: dict[str, dict[str, Profile]] = {
     "mnist": {
         "smoke": Profile(epochs=2, batch_size=32, train_subset=2000, test_subset=500, learning_rate=0.1),
-        "fast": Profile(epochs=4, batch_size=256),
+        "fast": Profile(epochs=3, batch_size=256),
         "quality": Profile(epochs=12, batch_size=256),
     },
     "cifar10": {
