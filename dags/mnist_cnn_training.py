@@ -16,27 +16,14 @@ Params: `profile` (smoke | fast | quality), `framework` (pytorch | tensorflow), 
 
 from __future__ import annotations
 
-import pendulum
 from airflow.sdk import dag
 
-from common import alerts, config, image_tasks
+from common import config, image_tasks
 
 CFG = config.get("mnist_cnn_training")
 
 
-@dag(
-    dag_id=CFG.dag_id,
-    description=CFG.description,
-    schedule=CFG.schedule,
-    start_date=pendulum.parse(CFG.start_date, tz=CFG.timezone),
-    catchup=False,
-    max_active_runs=CFG.max_active_runs,
-    default_args={**CFG.default_args(), **alerts.task_callbacks()},
-    on_success_callback=alerts.on_success,
-    params=dict(CFG.params),
-    tags=list(CFG.tags),
-    doc_md=__doc__,
-)
+@dag(**CFG.dag_kwargs(), doc_md=__doc__)
 def mnist_cnn_training() -> None:
     prepare, train, evaluate, register = image_tasks.build("mnist", CFG)
 

@@ -17,27 +17,14 @@ Results: MLflow experiment `power-forecast`, registered model `power_lgbm`.
 
 from __future__ import annotations
 
-import pendulum
 from airflow.sdk import dag, task
 
-from common import alerts, config
+from common import config
 
 CFG = config.get("power_lgbm_training")
 
 
-@dag(
-    dag_id=CFG.dag_id,
-    description=CFG.description,
-    schedule=CFG.schedule,
-    start_date=pendulum.parse(CFG.start_date, tz=CFG.timezone),
-    catchup=False,
-    max_active_runs=CFG.max_active_runs,
-    default_args={**CFG.default_args(), **alerts.task_callbacks()},
-    on_success_callback=alerts.on_success,
-    params=dict(CFG.params),
-    tags=list(CFG.tags),
-    doc_md=__doc__,
-)
+@dag(**CFG.dag_kwargs(), doc_md=__doc__)
 def power_lgbm_training() -> None:
     @task
     def prepare() -> dict:

@@ -104,6 +104,25 @@ class WorkflowConfig:
         }
 
 
+    def dag_kwargs(self) -> dict[str, object]:
+        """Everything a workflow's ``@dag`` takes from here (the DAG file adds its ``doc_md``)."""
+        import pendulum  # Airflow's own dependency, already imported by airflow.sdk
+
+        from common import alerts
+
+        return {
+            "dag_id": self.dag_id,
+            "description": self.description,
+            "schedule": self.schedule,
+            "start_date": pendulum.parse(self.start_date, tz=self.timezone),
+            "catchup": False,
+            "max_active_runs": self.max_active_runs,
+            "default_args": {**self.default_args(), **alerts.task_callbacks()},
+            "on_success_callback": alerts.on_success,
+            "params": dict(self.params),
+            "tags": list(self.tags),
+        }
+
     def train_task_args(self) -> dict[str, object]:
         """Where the training task runs (the GPU for the CNNs)."""
         return {"pool": self.pool, "pool_slots": self.pool_slots, "queue": self.queue}

@@ -34,9 +34,7 @@ import json
 import logging
 import os
 import pickle
-import shutil
 import tarfile
-import tempfile
 import time
 import zlib
 from dataclasses import asdict, dataclass
@@ -45,6 +43,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image
 
+from scripts import snapshots
 from scripts.errors import DataSourceError, DataValidationError, ParameterError
 from scripts.image_common import ImageArrays
 from scripts.sources import fetch
@@ -82,7 +81,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 IMAGE_FORMATS = ("JPEG", "PNG")  # PIL tries only these: faster, and nothing exotic slips through
 
 SNAPSHOT_FILE = "arrays.npz"
-MANIFEST_FILE = "manifest.json"
+MANIFEST_FILE = snapshots.MANIFEST_FILE
 
 
 @dataclass(frozen=True)
@@ -488,22 +487,10 @@ def write_snapshot(arrays: ImageArrays, dataset: str, root: Path, source: str,
         "class_counts_train": class_counts(arrays.y_train, arrays.classes),
         "class_counts_test": class_counts(arrays.y_test, arrays.classes),
     }
-    if not (target / MANIFEST_FILE).is_file():
-        root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=root, prefix=".staging-"))
-        try:
-            # Uncompressed: loading is a plain read, and these pixels barely compress anyway.
-            np.savez(staging / SNAPSHOT_FILE, x_train=arrays.x_train, y_train=arrays.y_train,
-                     x_test=arrays.x_test, y_test=arrays.y_test, classes=np.array(arrays.classes))
-            # The manifest last: its presence is what marks a snapshot complete.
-            (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
-            try:
-                os.rename(staging, target)
-            except OSError:  # a concurrent writer got there first with identical content
-                if not (target / MANIFEST_FILE).is_file():
-                    raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+    # Uncompressed: loading is a plain read, and these pixels barely compress anyway.
+    snapshots.write_once(target, manifest, lambda folder: np.savez(
+        folder / SNAPSHOT_FILE, x_train=arrays.x_train, y_train=arrays.y_train, x_test=arrays.x_test,
+        y_test=arrays.y_test, classes=np.array(arrays.classes)))
     return ImageSnapshot(uri=str(target), data_version=version, dataset=dataset,
                          n_train=manifest["n_train"], n_test=manifest["n_test"], source=source)
 

@@ -20,9 +20,6 @@ import hashlib
 import io
 import json
 import logging
-import os
-import shutil
-import tempfile
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from scripts import snapshots
 from scripts.errors import DataValidationError
 from scripts.sources import fetch
 
@@ -48,7 +46,7 @@ NUMERIC = HEADER[2:]
 TARGET = "global_active_power"
 MIN_MINUTES_PER_HOUR = 45
 SNAPSHOT_FILE = "hourly.parquet"
-MANIFEST_FILE = "manifest.json"
+MANIFEST_FILE = snapshots.MANIFEST_FILE
 
 
 @dataclass(frozen=True)
@@ -192,19 +190,7 @@ def write_snapshot(hourly: pd.DataFrame, root: Path, source: str) -> Snapshot:
         "missing_hours": int(hourly[TARGET].isna().sum()),
         "source": source,
     }
-    if not (target / MANIFEST_FILE).is_file():
-        root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=root, prefix=".staging-"))
-        try:
-            hourly.to_parquet(staging / SNAPSHOT_FILE)
-            (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
-            try:
-                os.rename(staging, target)
-            except OSError:  # a concurrent writer got there first with identical content
-                if not (target / MANIFEST_FILE).is_file():
-                    raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+    snapshots.write_once(target, manifest, lambda folder: hourly.to_parquet(folder / SNAPSHOT_FILE))
     return Snapshot(uri=str(target), **manifest)
 
 
