@@ -118,7 +118,7 @@ stop() {
 case ${1:-} in
   up) up ;;
   down) stop airflow; stop mlflow ;;
-  env) stack_env; env | grep -E '^(PATH|VTM_|AIRFLOW|MLFLOW)' | sed 's/^/export /; s/=\(.*\)$/="\1"/' ;;
+  env) stack_env; env | grep -E '^(PATH|VTM_[A-Z_]*|AIRFLOW[A-Z_]*|MLFLOW[A-Z_]*|DATA_MIRROR)=' | sed 's/^/export /; s/=\(.*\)$/="\1"/' ;;
   status) for n in mlflow airflow; do running $n && echo "$n running" || echo "$n stopped"; done ;;
   *) echo "usage: $0 up|down|env|status" >&2; exit 2 ;;
 esac
