@@ -107,3 +107,31 @@ def test_killed_training_resumes_in_the_same_mlflow_run(mlflow_server, mirror, t
     assert run.data.metrics["resumed_from_epoch"] == 2
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")]
     assert sorted(steps) == [1, 2, 3, 4, 5, 6]
+
+
+def test_full_profile_promotes_then_other_framework_is_compared_with_the_champion(
+        dagbag, mlflow_server, mirror, monkeypatch):
+    """Not smoke: the gate applies. A PyTorch champion is scored beside a Keras challenger."""
+    monkeypatch.setenv("DATA_MIRROR", str(mirror))
+    cfg = config.get("mnist_cnn_training")
+    client = mlflow_utils.configure()
+    dag = dagbag.dags[cfg.dag_id]
+    first = dag.test(run_conf={"profile": "fast", "framework": "pytorch", "epochs": 8})
+    assert first.state == "success"
+    (run1,) = runs_of(cfg.experiment, first.run_id)
+    assert run1.data.metrics["test_accuracy"] >= cfg.gate.threshold  # synthetic classes are easy
+    champion = registry.alias_version(client, cfg.model_name, registry.CHAMPION)
+    assert champion is not None and champion.run_id == run1.info.run_id
+
+    second = dag.test(run_conf={"profile": "fast", "framework": "tensorflow", "epochs": 8})
+    assert second.state == "success"
+    (run2,) = runs_of(cfg.experiment, second.run_id)
+    # The PyTorch champion was loaded through pyfunc and scored on the same test images.
+    assert run2.data.metrics["champion_test_accuracy"] == pytest.approx(run1.data.metrics["test_accuracy"])
+    version2 = client.get_model_version(cfg.model_name, client.search_model_versions(
+        f"name = '{cfg.model_name}' AND run_id = '{run2.info.run_id}'")[0].version)
+    now = registry.alias_version(client, cfg.model_name, registry.CHAMPION)
+    if run2.data.metrics["test_accuracy"] > run1.data.metrics["test_accuracy"]:
+        assert version2.tags["decision"] == "promoted" and now.version == version2.version
+    else:
+        assert version2.tags["decision"] == "rejected" and now.version == champion.version
