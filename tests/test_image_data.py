@@ -16,7 +16,7 @@ from PIL import Image
 
 from scripts import image_data
 from scripts.errors import DataSourceError, DataValidationError
-from tests.helpers import SHARED_DATA
+from tests.helpers import SHARED_DATA, serve_directory
 
 CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 # The official MNIST class counts (train, test).
@@ -428,22 +428,12 @@ def test_mirror_without_the_files_is_a_clear_error(tmp_path, monkeypatch):
 
 def test_download_when_no_mirror(tmp_path, monkeypatch, mnist_dir):
     """With no mirror the four files are fetched (here from a local HTTP server) and cached."""
-    import functools
-    import threading
-    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
-
-    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(mnist_dir[0]))
-    handler.log_message = lambda *a: None
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+    with serve_directory(mnist_dir[0]) as url:
         monkeypatch.setattr(image_data, "MNIST_URL_BASES", [
             "http://127.0.0.1:9/mnist/",  # first mirror down: the next one is tried
-            f"http://127.0.0.1:{server.server_port}/"])
+            f"{url}/"])
         monkeypatch.setenv("VTM_DATA_DIR", str(tmp_path / "data"))
         snap = image_data.prepare("mnist", None, tmp_path / "snaps")
-    finally:
-        server.shutdown()
     cached = tmp_path / "data" / "raw" / "mnist"
     assert snap.source == str(cached) and snap.n_test == 20
     for filename in image_data.MNIST_FILES.values():

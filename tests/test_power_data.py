@@ -9,6 +9,7 @@ import pytest
 
 from scripts import power_data
 from scripts.errors import DataSourceError, DataValidationError
+from tests.helpers import serve_directory
 from tests.uci_synth import HEADER, uci_lines, write_uci_file
 
 
@@ -127,22 +128,12 @@ def test_mirror_layout_is_read(tmp_path, monkeypatch, synthetic_uci):
 
 def test_download_when_no_mirror(tmp_path, monkeypatch, synthetic_uci):
     """With no mirror the official URL is fetched (here from a local HTTP server) and cached."""
-    import functools
-    import threading
-    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
-
-    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(synthetic_uci.parent))
-    handler.log_message = lambda *a: None
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+    with serve_directory(synthetic_uci.parent) as url:
         monkeypatch.setattr(power_data, "OFFICIAL_URLS", [
             "http://127.0.0.1:9/unreachable.zip",  # first mirror down: the next one is tried
-            f"http://127.0.0.1:{server.server_port}/{synthetic_uci.name}"])
+            f"{url}/{synthetic_uci.name}"])
         monkeypatch.setenv("VTM_DATA_DIR", str(tmp_path / "data"))
         snap = power_data.prepare(None, tmp_path / "snaps")
-    finally:
-        server.shutdown()
     cached = tmp_path / "data" / "raw" / power_data.MIRROR_PATH
     assert cached.read_bytes() == synthetic_uci.read_bytes()
     assert snap.source.startswith(str(cached))
