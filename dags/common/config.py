@@ -242,6 +242,11 @@ def data_mirror() -> Path | None:
     return Path(mirror).resolve() if mirror else None
 
 
+def tick_lake() -> str:
+    """Root of the tick lake: a local path or an s3:// URI (TICK_LAKE, default <VTM_HOME>/lake)."""
+    return os.environ.get("TICK_LAKE") or str(home_dir() / "lake")
+
+
 def locks_dir() -> Path:
     return Path(os.environ.get("VTM_LOCK_DIR", home_dir() / "locks")).resolve()
 

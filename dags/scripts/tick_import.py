@@ -1,0 +1,269 @@
+"""Importer: vendor trade files -> validated trade partitions in the tick lake.
+
+This is what the upstream lakehouse pipeline (or a person, or ``make demo``) runs; the training
+DAG never writes trades, it waits for them. Input: CSV files (plain or ``.gz``) with the header
+``symbol,time,price,size,exchange,sale_condition,suspicious`` and ``time`` in exchange-local
+America/New_York wall time (the AlgoSeek layout of ``DATA_MIRROR/ticks``).
+
+Every row is checked; a bad row is not dropped silently but kept, with its file, line and reason,
+in ``_quarantine.parquet`` beside its partition. Reasons:
+
+``unparseable_<field>``  a value that is not a number, time or 0/1 flag
+``non_positive_price`` / ``non_positive_size``
+``out_of_session``       outside 04:00-20:00 New York (pre-market to after-hours) or on a weekend
+``out_of_order``         earlier than a trade already seen for the symbol that day
+``duplicate``            an out-of-order row identical to one already seen (a re-sent block).
+                         Identical rows in tape order stay: this layout has no trade id, and one
+                         order filling several resting orders prints the same ms/price/size
+                         several times (a quarter of the real rows).
+``suspicious``           flagged by the vendor
+
+Each (day, symbol) partition is replaced whole on re-import (same file names), and the day's
+``_SUCCESS`` is rewritten last. A partition whose bad share exceeds ``--max-bad-share`` is still
+written, for inspection, but its manifest says so, the importer exits 1, and the training DAG's
+validation fails on it before anything downstream is written.
+
+CLI::
+
+    python -m scripts.tick_import import --lake LAKE FILE [FILE ...] [--synthetic]
+    python -m scripts.tick_import simulate --lake LAKE --start 2026-01-05 --days 3
+    python -m scripts.tick_import seed --lake LAKE [--mirror DIR]   # mirror ticks, else simulated
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any
+
+from scripts import tick_lake
+from scripts.errors import DataValidationError
+from scripts.tick_lake import Lake
+
+VENDOR_COLUMNS = ("symbol", "time", "price", "size", "exchange", "sale_condition", "suspicious")
+EXCHANGE_TZ = "America/New_York"
+SESSION_START, SESSION_END = (4, 0), (20, 0)  # pre-market open to after-hours close, New York
+DEFAULT_MAX_BAD_SHARE = 0.02
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class PartitionReport:
+    day: str
+    symbol: str
+    rows_in: int
+    rows: int
+    bad_rows: int
+    bad_share: float
+    reasons: dict[str, int]
+    sha256: str
+    sources: list[str]
+    synthetic: bool
+    max_bad_share: float
+    over_limit: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.over_limit = self.bad_share > self.max_bad_share
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def read_vendor_csv(path: Path):
+    """All columns as text, plus ``source`` and ``line`` (1-based, header = line 1)."""
+    import polars as pl
+
+    try:
+        frame = pl.read_csv(path, infer_schema=False, has_header=True)
+    except Exception as exc:  # noqa: BLE001 - polars raises several types for broken files
+        raise DataValidationError(path, f"not a readable CSV file: {exc}") from None
+    missing = [c for c in VENDOR_COLUMNS if c not in frame.columns]
+    if missing:
+        raise DataValidationError(path, f"header lacks {missing}; expected {','.join(VENDOR_COLUMNS)}",
+                                  line=1, field=missing[0])
+    return frame.select(VENDOR_COLUMNS).with_columns(
+        source=pl.lit(Path(path).name), line=pl.int_range(2, pl.len() + 2, dtype=pl.Int64))
+
+
+def classify(raw):
+    """Parse the text columns and give each row a ``reason`` (null = valid). Order is kept."""
+    import polars as pl
+
+    local = pl.col("time").str.strip_chars().str.to_datetime("%Y-%m-%d %H:%M:%S%.f", strict=False)
+    parsed = raw.with_columns(
+        local_time=local,
+        price_v=pl.col("price").str.strip_chars().cast(pl.Float64, strict=False),
+        size_v=pl.col("size").str.strip_chars().cast(pl.Int64, strict=False),
+        suspicious_v=pl.col("suspicious").str.strip_chars().replace_strict(
+            {"0": False, "1": True}, default=None, return_dtype=pl.Boolean),
+    ).with_columns(
+        ts=pl.col("local_time").dt.replace_time_zone(EXCHANGE_TZ, ambiguous="earliest",
+                                                     non_existent="null")
+        .dt.convert_time_zone("UTC").dt.cast_time_unit("ns"),
+        day=pl.col("local_time").dt.date(),
+    )
+    minutes = pl.col("local_time").dt.hour().cast(pl.Int32) * 60 + pl.col("local_time").dt.minute()
+    in_session = ((minutes >= SESSION_START[0] * 60 + SESSION_START[1])
+                  & (minutes < SESSION_END[0] * 60 + SESSION_END[1])
+                  & (pl.col("local_time").dt.weekday() <= 5))
+    group = ["symbol", "day"]
+    seen_max = pl.col("ts").cum_max().shift(1).over(group)
+    repeated = ~pl.struct(list(VENDOR_COLUMNS)).is_first_distinct()
+    reason = (
+        pl.when(pl.col("symbol").is_null() | (pl.col("symbol").str.strip_chars() == ""))
+        .then(pl.lit("unparseable_symbol"))
+        .when(pl.col("ts").is_null()).then(pl.lit("unparseable_time"))
+        .when(pl.col("price_v").is_null() | pl.col("price_v").is_nan()).then(pl.lit("unparseable_price"))
+        .when(pl.col("size_v").is_null()).then(pl.lit("unparseable_size"))
+        .when(pl.col("suspicious_v").is_null()).then(pl.lit("unparseable_suspicious"))
+        .when(pl.col("price_v") <= 0).then(pl.lit("non_positive_price"))
+        .when(pl.col("size_v") <= 0).then(pl.lit("non_positive_size"))
+        .when(~in_session).then(pl.lit("out_of_session"))
+        .when((pl.col("ts") < seen_max) & repeated).then(pl.lit("duplicate"))
+        .when(pl.col("ts") < seen_max).then(pl.lit("out_of_order"))
+        .when(pl.col("suspicious_v")).then(pl.lit("suspicious"))
+        .otherwise(pl.lit(None, dtype=pl.Utf8))
+    )
+    return parsed.with_columns(reason=reason)
+
+
+def to_lake_schema(good):
+    """The partition contract: ts (UTC, ns), symbol, price, size, exchange, conditions, suspicious."""
+    import polars as pl
+
+    return good.select(
+        pl.col("ts"), pl.col("symbol"), pl.col("price_v").alias("price"), pl.col("size_v").alias("size"),
+        pl.col("exchange"), pl.col("sale_condition").alias("conditions"),
+        pl.col("suspicious_v").alias("suspicious"),
+    ).sort("ts", maintain_order=True)
+
+
+def parquet_bytes(frame) -> bytes:
+    buffer = io.BytesIO()
+    frame.write_parquet(buffer, compression="zstd", statistics=True)
+    return buffer.getvalue()
+
+
+def import_files(lake_uri: str, files: Sequence[Path], *, synthetic: bool = False,
+                 max_bad_share: float = DEFAULT_MAX_BAD_SHARE) -> list[PartitionReport]:
+    """Validate ``files`` and write one partition per (day, symbol) they contain."""
+    import polars as pl
+
+    if not files:
+        raise ValueError("no trade files given")
+    raw = pl.concat([read_vendor_csv(Path(f)) for f in files], how="vertical")
+    rows = classify(raw)
+    # Rows whose day or symbol cannot be read belong to no partition: they can only fail loudly.
+    orphans = rows.filter(pl.col("day").is_null() | pl.col("reason").is_in(["unparseable_symbol"]))
+    if orphans.height:
+        first = orphans.row(0, named=True)
+        raise DataValidationError(first["source"], f"{orphans.height} row(s) without a readable symbol "
+                                  f"and time, e.g. {first['symbol']!r},{first['time']!r}",
+                                  line=first["line"], field="time" if first["day"] is None else "symbol")
+    lake = Lake.open(lake_uri)
+    reports = []
+    for (day, symbol), part in rows.group_by(["day", "symbol"], maintain_order=True):
+        reports.append(_write_partition(lake, day, symbol, part, synthetic, max_bad_share))
+    for day in sorted({r.day for r in reports}):
+        _mark_day_complete(lake, date.fromisoformat(day))
+    return reports
+
+
+def _write_partition(lake: Lake, day: date, symbol: str, part, synthetic: bool,
+                     max_bad_share: float) -> PartitionReport:
+    import polars as pl
+
+    good = to_lake_schema(part.filter(pl.col("reason").is_null()))
+    bad = part.filter(pl.col("reason").is_not_null()).select(
+        "source", "line", *VENDOR_COLUMNS, "reason")
+    folder = lake.trade_dir(day, symbol)
+    data = parquet_bytes(good)
+    lake.write_bytes(f"{folder}/{tick_lake.PART_FILE}", data)
+    if bad.height:
+        lake.write_bytes(f"{folder}/{tick_lake.QUARANTINE_FILE}", parquet_bytes(bad))
+    else:
+        lake.delete(f"{folder}/{tick_lake.QUARANTINE_FILE}")
+    reasons = dict(sorted(bad.group_by("reason").len().iter_rows())) if bad.height else {}
+    report = PartitionReport(
+        day=day.isoformat(), symbol=symbol, rows_in=part.height, rows=good.height, bad_rows=bad.height,
+        bad_share=round(bad.height / part.height, 6), reasons=reasons, sha256=tick_lake.sha256(data),
+        sources=sorted(set(part["source"].to_list())), synthetic=synthetic, max_bad_share=max_bad_share)
+    lake.write_json(f"{folder}/{tick_lake.MANIFEST_FILE}",
+                    {**report.to_dict(), "schema_version": SCHEMA_VERSION,
+                     "imported_at": datetime.now(UTC).isoformat(timespec="seconds")})
+    return report
+
+
+def _mark_day_complete(lake: Lake, day: date) -> None:
+    """Rewrite the day's _SUCCESS (last) with every symbol partition the day now holds."""
+    symbols = {}
+    for symbol in lake.symbols(day):
+        manifest = lake.read_json(f"{lake.trade_dir(day, symbol)}/{tick_lake.MANIFEST_FILE}")
+        symbols[symbol] = {"sha256": manifest["sha256"], "synthetic": manifest["synthetic"]}
+    lake.write_json(f"{lake.day_dir(tick_lake.TRADES, day)}/{tick_lake.SUCCESS_FILE}",
+                    {"date": day.isoformat(), "symbols": symbols})
+
+
+def seed(lake_uri: str, mirror: Path | None, simulate_start: date = date(2026, 1, 5),
+         simulate_days: int = 4) -> list[date]:
+    """Fill a lake for a demo or test: the mirror's real trade files if any, else simulated days."""
+    files = sorted((mirror / "ticks").glob("*.csv*")) if mirror and (mirror / "ticks").is_dir() else []
+    if files:
+        reports = import_files(lake_uri, files)
+    else:
+        from scripts import tick_simulate
+
+        reports = tick_simulate.simulate_into(lake_uri, simulate_start, simulate_days)
+    return sorted({date.fromisoformat(r.day) for r in reports})
+
+
+def _print_reports(reports: list[PartitionReport]) -> int:
+    over = [r for r in reports if r.over_limit]
+    for r in reports:
+        print(json.dumps({k: v for k, v in r.to_dict().items() if k != "sha256"}), flush=True)
+    for r in over:
+        print(f"ERROR: partition date={r.day}/symbol={r.symbol}: {r.bad_share:.2%} of rows rejected "
+              f"(limit {r.max_bad_share:.2%}): {r.reasons}", file=sys.stderr)
+    return 1 if over else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from common import config
+
+    parser = argparse.ArgumentParser(description="Import trade files into the tick lake.")
+    parser.add_argument("--lake", default=str(config.tick_lake()), help="lake root (path or s3://)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    imp = sub.add_parser("import", help="validate and import vendor CSV files")
+    imp.add_argument("files", nargs="+", type=Path)
+    imp.add_argument("--synthetic", action="store_true", help="the files are simulated, not real")
+    imp.add_argument("--max-bad-share", type=float, default=DEFAULT_MAX_BAD_SHARE)
+    sim = sub.add_parser("simulate", help="import simulated trading days")
+    sim.add_argument("--start", type=date.fromisoformat, required=True)
+    sim.add_argument("--days", type=int, default=4)
+    sim.add_argument("--seed", type=int, default=7)
+    sd = sub.add_parser("seed", help="mirror trades when DATA_MIRROR has them, else simulated days")
+    sd.add_argument("--mirror", type=Path, default=config.data_mirror())
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "import":
+            return _print_reports(import_files(args.lake, args.files, synthetic=args.synthetic,
+                                               max_bad_share=args.max_bad_share))
+        if args.command == "simulate":
+            from scripts import tick_simulate
+
+            return _print_reports(tick_simulate.simulate_into(args.lake, args.start, args.days, args.seed))
+        print(json.dumps([d.isoformat() for d in seed(args.lake, args.mirror)]))
+        return 0
+    except DataValidationError as exc:
+        print(f"ERROR: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
