@@ -89,6 +89,9 @@ class WorkflowConfig:
     headline_metric: str = ""
     baseline_metric: str = ""
     demo_conf: dict[str, object] = field(default_factory=dict)
+    # For workflows that wait for their input (the tick lake): how often to look, and for how long.
+    poke_interval: timedelta = timedelta(minutes=5)
+    data_wait: timedelta = timedelta(hours=6)
 
     def default_args(self) -> dict[str, object]:
         """Task defaults for the DAG: where tasks run and how they retry."""
@@ -200,6 +203,36 @@ WORKFLOWS: dict[str, WorkflowConfig] = {
             baseline_metric="baseline_mae",
             # No declared params: a run's conf may override any field of
             # scripts.power_model.ModelParams (the trainer owns its defaults; unknown keys fail).
+        ),
+        WorkflowConfig(
+            dag_id="tick_model_training",
+            description="Next-5-minute realized volatility of US equities (HAR + XGBoost) from the tick lake",
+            schedule="30 17 * * 1-5",  # weekdays after the 16:00 close, once the day's trades land
+            timezone="America/New_York",
+            start_date="2013-01-01",  # backfills may reach into the lake's history
+            pool="high_priority_cpu",
+            queue="realtime_queue",
+            experiment="tick-production",
+            model_name="tick_model",
+            priority_weight=10,  # the highest of the four: its window closes at the next open
+            max_active_runs=1,
+            retries=2,
+            retry_delay=timedelta(minutes=1),
+            execution_timeout=timedelta(minutes=20),
+            tags=("tick", "volatility", "xgboost"),
+            gate=PromotionGate(
+                metric="rmse_log_rv",
+                greater_is_better=False,
+                threshold_metric="skill_vs_har",
+                threshold=0.0,  # no worse than the HAR-RV baseline (which itself beats persistence)
+                require_approval=False,
+            ),
+            # Run params; a run's conf may also override any field of scripts.tick_model.ModelParams.
+            params={"trade_date": None, "max_bad_share": 0.02},
+            headline_metric="rmse_log_rv",
+            baseline_metric="har_rmse_log_rv",
+            poke_interval=timedelta(minutes=5),
+            data_wait=timedelta(hours=6),
         ),
         _image_workflow("MNIST", "mnist", 0.99, weekday=6),
         _image_workflow("CIFAR-10", "cifar10", 0.90, weekday=6),

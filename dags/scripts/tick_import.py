@@ -42,6 +42,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
+from common import config
 from scripts import tick_lake
 from scripts.errors import DataValidationError
 from scripts.tick_lake import Lake
@@ -49,7 +50,8 @@ from scripts.tick_lake import Lake
 VENDOR_COLUMNS = ("symbol", "time", "price", "size", "exchange", "sale_condition", "suspicious")
 EXCHANGE_TZ = "America/New_York"
 SESSION_START, SESSION_END = (4, 0), (20, 0)  # pre-market open to after-hours close, New York
-DEFAULT_MAX_BAD_SHARE = 0.02
+# The same limit the training DAG enforces (one source: common/config.py).
+DEFAULT_MAX_BAD_SHARE = float(config.get("tick_model_training").params["max_bad_share"])
 SCHEMA_VERSION = 1
 
 
@@ -234,8 +236,6 @@ def _print_reports(reports: list[PartitionReport]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from common import config
-
     parser = argparse.ArgumentParser(description="Import trade files into the tick lake.")
     parser.add_argument("--lake", default=str(config.tick_lake()), help="lake root (path or s3://)")
     sub = parser.add_subparsers(dest="command", required=True)
