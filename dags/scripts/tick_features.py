@@ -67,8 +67,13 @@ def symbol_bars(trades, day: date):
     epoch_ns = pl.col("ts").dt.epoch("ns")
     local_ns = epoch_ns + utc_offset_ns(day)
     minute_of_day = ((local_ns // 60_000_000_000) % 1440).cast(pl.Int32)
+    # The tape is time-ordered, so minutes are sorted: flagging that makes the group-bys below
+    # slice contiguous runs and sum each run in order - deterministic floats, byte-identical output
+    # (a hash group-by splits groups across threads and sums in a varying order).
     rth = trades.lazy().select("ts", "price", "size").with_columns(
-        minute=minute_of_day - OPEN_MINUTE).filter((pl.col("minute") >= 0) & (pl.col("minute") < SESSION_MINUTES))
+        minute=(minute_of_day - OPEN_MINUTE)).filter(
+        (pl.col("minute") >= 0) & (pl.col("minute") < SESSION_MINUTES)).with_columns(
+        pl.col("minute").set_sorted())
     price_change = pl.col("price").diff()
     tick_sign = pl.when(price_change > 0).then(1).when(price_change < 0).then(-1).otherwise(None)
     sample = epoch_ns // (SAMPLE_SECONDS * 1_000_000_000)

@@ -79,16 +79,25 @@ class PartitionReport:
 
 def read_vendor_csv(path: Path):
     """All columns as text, plus ``source`` and ``line`` (1-based, header = line 1)."""
+    import gzip
+
     import polars as pl
 
+    try:
+        with open(path, "rb") as probe:
+            opener = gzip.open if probe.read(2) == b"\x1f\x8b" else open
+        with opener(path, "rt", encoding="utf-8") as handle:
+            header = handle.readline().strip().split(",")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataValidationError(path, f"cannot read the file: {exc}") from None
+    missing = [c for c in VENDOR_COLUMNS if c not in header]
+    if missing:
+        raise DataValidationError(path, f"header lacks {missing}; expected {','.join(VENDOR_COLUMNS)}",
+                                  line=1, field=missing[0])
     try:
         frame = pl.read_csv(path, infer_schema=False, has_header=True)
     except Exception as exc:  # noqa: BLE001 - polars raises several types for broken files
         raise DataValidationError(path, f"not a readable CSV file: {exc}") from None
-    missing = [c for c in VENDOR_COLUMNS if c not in frame.columns]
-    if missing:
-        raise DataValidationError(path, f"header lacks {missing}; expected {','.join(VENDOR_COLUMNS)}",
-                                  line=1, field=missing[0])
     return frame.select(VENDOR_COLUMNS).with_columns(
         source=pl.lit(Path(path).name), line=pl.int_range(2, pl.len() + 2, dtype=pl.Int64))
 

@@ -69,13 +69,18 @@ def simulate_symbol_day(rng: np.random.Generator, spec: SymbolSpec, day: date, l
     pre = np.sort(rng.uniform(4 * 3600, 9.5 * 3600, max(1, n // 80)))
     post = np.sort(rng.uniform(16 * 3600, 20 * 3600, max(1, n // 100)))
     seconds = np.concatenate([pre, rth, post])
-    # Per-minute log volatility: persistent AR(1) around the symbol's level, carried across days.
-    minutes = np.arange(24 * 60)
+    # Log volatility = a daily level (persistent from day to day) + an intraday AR(1) component
+    # with a half-life of about two hours: slow enough that 30-minute and day-so-far windows
+    # carry information (as in real data), noisy enough that the last 5 minutes alone do not.
     mean = np.log(spec.daily_vol / np.sqrt(390))
-    vols = np.empty(minutes.size)
-    for m in minutes:  # 1,440 steps: cheap
-        log_vol = mean + 0.985 * (log_vol - mean) + 0.12 * rng.standard_normal()
-        vols[m] = log_vol
+    log_vol = mean + 0.8 * (log_vol - mean) + 0.15 * rng.standard_normal()  # today's level
+    intraday = np.empty(24 * 60)
+    state = 0.0
+    for m in range(intraday.size):  # 1,440 steps: cheap
+        state = 0.995 * state + 0.035 * rng.standard_normal()
+        intraday[m] = state
+    minutes = np.arange(intraday.size)
+    vols = log_vol + intraday
     u = np.clip((minutes - 570) / 390.0, 0, 1)
     sigma_min = np.exp(vols) * np.sqrt(_u_shape(u) / 1.67)
     sigma = sigma_min[(seconds // 60).astype(int)] * np.sqrt(np.diff(seconds, prepend=seconds[0]) / 60)

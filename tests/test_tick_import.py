@@ -1,0 +1,141 @@
+"""The tick importer on small vendor files written here: every bad-row kind, atomic idempotent
+re-import, the bad-share limit, and UTC conversion."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from datetime import date
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from scripts import tick_import, tick_lake, tick_pipeline
+from scripts.errors import DataValidationError
+
+HEADER = "symbol,time,price,size,exchange,sale_condition,suspicious"
+DAY = date(2013, 10, 8)
+GOOD = [
+    "IBM,2013-10-08 09:30:00.100,185.10,100,N,1,0",
+    "IBM,2013-10-08 09:30:00.100,185.10,100,N,1,0",  # identical print in tape order: kept
+    "IBM,2013-10-08 09:30:01.000,185.12,200,D,20000020,0",
+    "IBM,2013-10-08 09:30:02.000,185.11,50,Q,20,0",
+    "IBM,2013-10-08 09:30:03.000,185.13,300,P,1,0",
+]
+BAD = {
+    "unparseable_price": "IBM,2013-10-08 09:30:03.100,abc,100,N,1,0",
+    "non_positive_price": "IBM,2013-10-08 09:30:03.200,0,100,N,1,0",
+    "non_positive_size": "IBM,2013-10-08 09:30:03.300,185.1,-5,N,1,0",
+    "out_of_session": "IBM,2013-10-08 03:59:59.000,185.1,100,N,1,0",
+    "out_of_order": "IBM,2013-10-08 09:30:00.500,185.1,100,N,1,0",
+    "duplicate": "IBM,2013-10-08 09:30:01.000,185.12,200,D,20000020,0",  # re-sent: behind the tape
+    "suspicious": "IBM,2013-10-08 09:30:04.000,185.2,100,N,1,1",
+    "unparseable_suspicious": "IBM,2013-10-08 09:30:04.100,185.2,100,N,1,x",
+}
+
+
+def write_csv(path: Path, rows: list[str], header: str = HEADER) -> Path:
+    text = "\n".join([header, *rows]) + "\n"
+    if path.suffix == ".gz":
+        with gzip.open(path, "wt") as out:
+            out.write(text)
+    else:
+        path.write_text(text)
+    return path
+
+
+def read_partition(lake: Path, day: date, symbol: str, name: str = tick_lake.PART_FILE) -> pl.DataFrame:
+    return pl.read_parquet(lake / "trades" / f"date={day}" / f"symbol={symbol}" / name)
+
+
+def test_every_bad_row_kind_is_quarantined_with_its_line_and_reason(tmp_path):
+    source = write_csv(tmp_path / "ibm.csv.gz", GOOD + list(BAD.values()))
+    (report,) = tick_import.import_files(str(tmp_path / "lake"), [source], max_bad_share=1.0)
+    assert (report.rows_in, report.rows, report.bad_rows) == (len(GOOD) + len(BAD), len(GOOD), len(BAD))
+    assert report.reasons == {reason: 1 for reason in BAD}
+    quarantine = read_partition(tmp_path / "lake", DAY, "IBM", tick_lake.QUARANTINE_FILE)
+    by_reason = {row["reason"]: row for row in quarantine.iter_rows(named=True)}
+    for offset, reason in enumerate(BAD):
+        assert by_reason[reason]["line"] == len(GOOD) + 2 + offset  # header is line 1
+        assert by_reason[reason]["source"] == "ibm.csv.gz"
+    good = read_partition(tmp_path / "lake", DAY, "IBM")
+    assert good.columns == ["ts", "symbol", "price", "size", "exchange", "conditions", "suspicious"]
+    assert str(good.schema["ts"]) == "Datetime(time_unit='ns', time_zone='UTC')"
+    assert good["ts"].is_sorted() and good.height == len(GOOD)
+    # 09:30 New York daylight time is 13:30 UTC.
+    assert good["ts"][0].isoformat() == "2013-10-08T13:30:00.100000+00:00"
+    manifest = json.loads((tmp_path / "lake/trades/date=2013-10-08/symbol=IBM/_manifest.json").read_text())
+    assert manifest["bad_rows"] == len(BAD) and manifest["synthetic"] is False
+
+
+def test_missing_column_names_file_line_and_field(tmp_path):
+    source = write_csv(tmp_path / "broken.csv", GOOD, header="symbol,time,price,exchange,sale_condition,suspicious")
+    with pytest.raises(DataValidationError, match=r"broken.csv, line 1, field 'size'"):
+        tick_import.import_files(str(tmp_path / "lake"), [source])
+    assert not (tmp_path / "lake").exists()  # nothing half-written
+
+
+def test_unreadable_time_fails_loudly_naming_the_line(tmp_path):
+    source = write_csv(tmp_path / "t.csv", [*GOOD, "IBM,yesterday,185.1,100,N,1,0"])
+    with pytest.raises(DataValidationError, match=r"t.csv, line 7, field 'time'"):
+        tick_import.import_files(str(tmp_path / "lake"), [source])
+
+
+def test_reimport_replaces_never_duplicates(tmp_path):
+    lake = tmp_path / "lake"
+    source = write_csv(tmp_path / "day.csv", GOOD + [BAD["suspicious"]])
+    first = tick_import.import_files(str(lake), [source])
+    files_before = sorted(p.relative_to(lake) for p in lake.rglob("*") if p.is_file())
+    second = tick_import.import_files(str(lake), [source])
+    files_after = sorted(p.relative_to(lake) for p in lake.rglob("*") if p.is_file())
+    assert files_before == files_after  # no second part file, no temporary left behind
+    assert first[0].sha256 == second[0].sha256
+    assert read_partition(lake, DAY, "IBM").height == len(GOOD)
+    # A corrected delivery replaces the partition, and its stale quarantine goes.
+    write_csv(source, GOOD[:3])
+    (third,) = tick_import.import_files(str(lake), [source])
+    assert third.rows == 3 and read_partition(lake, DAY, "IBM").height == 3
+    assert not (lake / "trades/date=2013-10-08/symbol=IBM" / tick_lake.QUARANTINE_FILE).exists()
+    success = json.loads((lake / "trades/date=2013-10-08/_SUCCESS").read_text())
+    assert success["symbols"]["IBM"]["sha256"] == third.sha256
+
+
+def test_days_and_symbols_are_split_into_partitions(tmp_path):
+    rows = [*GOOD, "BAC,2013-10-08 10:00:00.000,14.1,100,D,1,0",
+            "BAC,2013-10-09 10:00:00.000,14.2,100,D,1,0"]
+    reports = tick_import.import_files(str(tmp_path / "lake"), [write_csv(tmp_path / "m.csv", rows)])
+    assert sorted((r.day, r.symbol, r.rows) for r in reports) == [
+        ("2013-10-08", "BAC", 1), ("2013-10-08", "IBM", 5), ("2013-10-09", "BAC", 1)]
+    lake = tick_lake.Lake.open(str(tmp_path / "lake"))
+    assert lake.days(tick_lake.TRADES) == [date(2013, 10, 8), date(2013, 10, 9)]
+
+
+def test_partition_over_the_bad_share_limit_fails_validation(tmp_path, capsys):
+    lake = str(tmp_path / "lake")
+    source = write_csv(tmp_path / "bad.csv", GOOD + [BAD["non_positive_price"], BAD["out_of_session"]])
+    exit_code = tick_import.main(["--lake", lake, "import", str(source), "--max-bad-share", "0.1"])
+    assert exit_code == 1
+    assert "date=2013-10-08/symbol=IBM: 28.57% of rows rejected" in capsys.readouterr().err
+    with pytest.raises(DataValidationError, match=r"symbol=IBM: 2 of 7 rows \(28.57%\) were quarantined"):
+        tick_pipeline.validate(lake, DAY, max_bad_share=0.1)
+    assert tick_pipeline.validate(lake, DAY, max_bad_share=0.5)["trades"] == len(GOOD)
+
+
+def test_validation_catches_a_partition_changed_after_import(tmp_path):
+    lake = tmp_path / "lake"
+    tick_import.import_files(str(lake), [write_csv(tmp_path / "d.csv", GOOD)])
+    part = lake / "trades/date=2013-10-08/symbol=IBM" / tick_lake.PART_FILE
+    frame = pl.read_parquet(part)
+    frame.head(2).write_parquet(part)
+    with pytest.raises(DataValidationError, match="content differs from its manifest"):
+        tick_pipeline.validate(str(lake), DAY, max_bad_share=0.5)
+
+
+def test_simulated_days_are_tagged_synthetic(tmp_path):
+    lake = str(tmp_path / "lake")
+    days = tick_import.seed(lake, mirror=None, simulate_start=date(2026, 1, 2), simulate_days=2)
+    assert days == [date(2026, 1, 2), date(2026, 1, 5)]  # weekdays only
+    validated = tick_pipeline.validate(lake, days[0], max_bad_share=0.02)
+    assert validated["synthetic"] and validated["data_version"].startswith("synthetic-")
+    assert validated["symbols"] == ["AIG", "BAC", "IBM", "SPY"]
