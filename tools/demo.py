@@ -28,6 +28,22 @@ def present_workflows() -> list[config.WorkflowConfig]:
     return [cfg for cfg in config.WORKFLOWS.values() if (ROOT / "dags" / f"{cfg.dag_id}.py").is_file()]
 
 
+def prepare_inputs(workflows: list[config.WorkflowConfig]) -> dict[str, dict]:
+    """What each workflow needs before its trigger, and the conf to trigger it with.
+
+    The tick DAG waits for trade partitions it never writes: as the upstream importer would, fill
+    the lake from DATA_MIRROR/ticks (real trades) or with simulated days, and run the last day.
+    """
+    confs = {cfg.dag_id: dict(cfg.demo_conf) for cfg in workflows}
+    if "tick_model_training" in confs:
+        from scripts import tick_import
+
+        days = tick_import.seed(config.tick_lake(), config.data_mirror())
+        print(f"tick lake {config.tick_lake()}: trade days {[d.isoformat() for d in days]}", flush=True)
+        confs["tick_model_training"]["trade_date"] = days[-1].isoformat()
+    return confs
+
+
 def seconds(record: dict) -> float:
     start, end = record.get("start_date"), record.get("end_date")
     if not start or not end:
@@ -82,11 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     client = AirflowClient(base_url, "admin", admin_password(airflow_home))
     workflows = present_workflows()
     client.wait_for_dags([cfg.dag_id for cfg in workflows])
+    confs = prepare_inputs(workflows)
     runs = {}
     for cfg in workflows:
         # Unpausing also lets the scheduler create the latest scheduled run (catchup is off); it
         # runs after or before this one (max_active_runs) and goes through the same gate.
-        runs[cfg.dag_id] = client.trigger(cfg.dag_id, dict(cfg.demo_conf))
+        runs[cfg.dag_id] = client.trigger(cfg.dag_id, confs[cfg.dag_id])
         client.unpause(cfg.dag_id)
         print(f"triggered {cfg.dag_id}: {runs[cfg.dag_id]}", flush=True)
     print(f"waiting for {len(runs)} run(s) (up to {args.timeout:.0f} s) ...", flush=True)
