@@ -228,6 +228,8 @@ class Cluster:
             "AIRFLOW__CELERY__RESULT_BACKEND": self.db_url("airflow", "db+postgresql"),
             "AIRFLOW__CELERY__OPERATION_TIMEOUT": "30",  # sending to Redis on a busy 2-core box
             "AIRFLOW__CELERY__SYNC_PARALLELISM": "1",
+            # Longer than the longest execution_timeout, or Redis redelivers a running task.
+            "AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__VISIBILITY_TIMEOUT": "21600",
             "AIRFLOW__API__HOST": "127.0.0.1",
             "AIRFLOW__API__PORT": str(self.api_port),
             "AIRFLOW__API__WORKERS": "1",
