@@ -114,7 +114,7 @@ def test_celery_cluster_routes_every_task_to_the_worker_its_queue_names(tmp_path
     home = tmp_path / "home"
     env = {"VTM_HOME": str(home), "TICK_LAKE": str(home / "lake"),
            "DATA_MIRROR": str(write_mirror(tmp_path / "mirror"))}
-    cluster = Cluster(tmp_path / "cluster", env=env)
+    cluster = Cluster(tmp_path / "cluster", env=env, workers=workers)
     env["MLFLOW_TRACKING_URI"] = cluster.mlflow_url
     for key, value in env.items():  # prepare_inputs reads the same settings as the tasks
         monkeypatch.setenv(key, value)
@@ -142,6 +142,9 @@ def test_celery_cluster_routes_every_task_to_the_worker_its_queue_names(tmp_path
     finally:
         cluster.stop()
 
+    print("\n" + "\n".join(
+        f"{t['dag_id']:22} {t['task_id']:16} queue={t['queue']:15} pool={t['pool']:17} on {t['hostname']:19} "
+        f"{(t['end_date'] - t['start_date']).total_seconds():6.1f} s" for t in tis))
     failed = [f"{t['dag_id']}.{t['task_id']}: {t['state']} on {t['hostname']}" for t in tis if t["state"] != "success"]
     assert all(r["state"] == "success" for r in final.values()) and not failed, (
         f"runs: { {d: r['state'] for d, r in final.items()} }; tasks not successful: {failed}\n"
