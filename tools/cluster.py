@@ -286,7 +286,8 @@ class Cluster:
 
     # -- the parts --------------------------------------------------------------------------
 
-    def start_postgres(self) -> None:
+    def start_postgres(self, databases: tuple[str, ...] = ("airflow", "mlflow")) -> None:
+        """PostgreSQL with one superuser ``vtm`` and ``databases`` (separate, as in the compose file)."""
         bindir = pg_bin_dir()
         user = None
         # PostgreSQL refuses to run as root: run it as the `postgres` user the package creates.
@@ -324,7 +325,7 @@ class Cluster:
                                 dbname="postgres")
         conn.autocommit = True
         with conn.cursor() as cur:
-            for database in ("airflow", "mlflow"):  # separate databases, as in the compose file
+            for database in databases:
                 cur.execute(f"CREATE DATABASE {database}")
         conn.close()
 
