@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export DATA_MIRROR
 export VTM_HOME ?= $(CURDIR)/.local
 
-.PHONY: venv demo up down test test-fast lint bench pools clean
+.PHONY: venv demo up down test test-fast lint bench pools clean deploy-env cluster
 
 venv: $(STAMP)
 
@@ -46,6 +46,14 @@ bench: venv
 
 pools:
 	@$(PYTHON) dags/common/config.py pools
+
+# Distributed deployment (docs/deployment.md): .env with generated secrets for
+# docker-compose-mlops.yml, and the same Celery layout as local processes (no Docker).
+deploy-env:
+	$(PYTHON) tools/deploy_env.py
+
+cluster: venv
+	$(BIN)/python tools/cluster.py up
 
 clean: down
 	rm -rf .local
