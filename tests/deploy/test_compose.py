@@ -122,6 +122,9 @@ def test_airflow_services_share_jwt_secret_fernet_key_and_settings(model):
     env = services["airflow-scheduler"]["environment"]
     assert env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] == "http://airflow-apiserver:8080/execution/"
     assert env["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"
+    # docs/deployment.md: `docker exec airflow-scheduler airflow dags trigger ...`
+    assert model["services"]["airflow-scheduler"]["container_name"] == "airflow-scheduler"
+    assert "docker exec airflow-scheduler airflow dags trigger" in (ROOT / "docs/deployment.md").read_text()
 
 
 # --- Consistency with dags/common/config.py -----------------------------------------------------
