@@ -43,6 +43,7 @@ lint: venv
 bench: venv
 	$(BIN)/python bench/power_bench.py
 	$(BIN)/python bench/image_bench.py
+	$(BIN)/python bench/tick_bench.py
 
 pools:
 	@$(PYTHON) dags/common/config.py pools
