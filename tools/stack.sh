@@ -23,6 +23,10 @@ stack_env() {
   export AIRFLOW__CORE__DAGS_FOLDER=$ROOT/dags
   export AIRFLOW__CORE__LOAD_EXAMPLES=False
   export AIRFLOW__CORE__EXECUTOR=LocalExecutor
+  # SQLite allows one writer: give a CLI write (e.g. `airflow backfill create`) up to 60 s to get
+  # the lock while the scheduler works, instead of sqlite3's 5 s ("database is locked").
+  export PYTHONPATH=$ROOT/dags${PYTHONPATH:+:$PYTHONPATH}
+  export AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS=common.config.SQLITE_CONNECT_ARGS
   # Sized for 2 cores: the default parallelism of 32 only wastes memory here.
   export AIRFLOW__CORE__PARALLELISM=${AIRFLOW__CORE__PARALLELISM:-3}
   export AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG=2
@@ -118,7 +122,7 @@ stop() {
 case ${1:-} in
   up) up ;;
   down) stop airflow; stop mlflow ;;
-  env) stack_env; env | grep -E '^(PATH|VTM_[A-Z_]*|AIRFLOW[A-Z_]*|MLFLOW[A-Z_]*|DATA_MIRROR)=' | sed 's/^/export /; s/=\(.*\)$/="\1"/' ;;
+  env) stack_env; env | grep -E '^(PATH|VTM_[A-Z_]*|AIRFLOW[A-Z_]*|MLFLOW[A-Z_]*|DATA_MIRROR|TICK_LAKE[A-Z_]*|PYTHONPATH)=' | sed 's/^/export /; s/=\(.*\)$/="\1"/' ;;
   status) for n in mlflow airflow; do running $n && echo "$n running" || echo "$n stopped"; done ;;
   *) echo "usage: $0 up|down|env|status" >&2; exit 2 ;;
 esac

@@ -260,6 +260,11 @@ def pools_file_content() -> dict[str, dict[str, object]]:
 # ---------------------------------------------------------------------------------------------
 
 
+# Airflow's [database] sql_alchemy_connect_args for the embedded stack's SQLite (tools/stack.sh):
+# wait up to 60 s for the single writer lock instead of sqlite3's default 5 s.
+SQLITE_CONNECT_ARGS: dict[str, object] = {"timeout": 60}
+
+
 def home_dir() -> Path:
     return Path(os.environ.get("VTM_HOME", REPO_ROOT / ".local")).resolve()
 

@@ -53,6 +53,12 @@ def test_demo_runs_every_workflow_and_leaves_both_uis_up(tmp_path):
         # and it is v1 (the second run on the same data cannot beat it).
         assert "power_lgbm v" in row and "challenger" in row and " v1 " in row
         assert f"http://127.0.0.1:{mlflow_port}/#/experiments/" in row
+        # No ticks in this mirror: the demo fills the lake with simulated days, flagged synthetic,
+        # and runs the last one (trained on the days before it).
+        tick = next(line for line in demo.stdout.splitlines() if line.startswith("tick_model_training"))
+        assert " success " in tick and "rmse_log_rv=" in tick and "har_rmse_log_rv=" in tick
+        assert "tick_model v" in tick
+        assert "tick lake " in demo.stdout and "trade days" in demo.stdout
         for dag_id in ("mnist_cnn_training", "cifar10_cnn_training"):
             cnn = next(line for line in demo.stdout.splitlines() if line.startswith(dag_id))
             assert " success " in cnn and "test_accuracy=" in cnn and "smoke profile" in cnn
