@@ -114,11 +114,11 @@ class Lake:
     def write_bytes(self, path: str, data: bytes) -> None:
         """Atomically create or replace ``path``."""
         parent = path.rsplit("/", 1)[0]
-        self.fs.create_dir(parent, recursive=True)
-        if not self.is_local:
-            with self.fs.open_output_stream(path) as out:  # one PUT: all or nothing
+        if not self.is_local:  # no folders on S3 (and no empty "folder/" marker objects)
+            with self.fs.open_output_stream(path) as out:  # visible only once the upload completes
                 out.write(data)
             return
+        self.fs.create_dir(parent, recursive=True)
         staging = f"{parent}/.{uuid.uuid4().hex}.tmp"
         try:
             with open(staging, "wb") as out:
