@@ -78,3 +78,15 @@ def test_parsing_imports_no_heavy_library(dag_file):
                          capture_output=True, text=True, check=True).stdout
     result = json.loads(out.strip().splitlines()[-1])
     assert result["heavy"] == []
+
+
+def test_tick_workflow_waits_for_data_and_outranks_the_others(dagbag):
+    dag = dagbag.dags["tick_model_training"]
+    cfg = config.get(dag.dag_id)
+    assert cfg.priority_weight > max(c.priority_weight for c in config.WORKFLOWS.values() if c is not cfg)
+    assert all(task.priority_weight == cfg.priority_weight for task in dag.tasks)
+    sensor = dag.get_task("wait_for_trades")
+    # Reschedule mode: a late delivery holds no worker slot while the run waits for it.
+    assert sensor.mode == "reschedule" and sensor.timeout == cfg.data_wait.total_seconds()
+    assert sensor.poke_interval == cfg.poke_interval.total_seconds()
+    assert [t.task_id for t in dag.topological_sort()][:3] == ["wait_for_trades", "validate", "build_features"]
