@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -61,11 +62,17 @@ def backfill_lake_days(client: AirflowClient, dag_id: str) -> str:
 
     days = SEEDED_TICK_DAYS
     # The CLI, as an operator would run it (the REST endpoint refuses backfills on SQLite).
-    done = subprocess.run(["airflow", "backfill", "create", "--dag-id", dag_id, "--from-date", days[0].isoformat(),
-                           "--to-date", (days[-1] + timedelta(days=1)).isoformat(), "--reprocess-behavior",
-                           "completed"], capture_output=True, text=True, timeout=300)
-    if done.returncode != 0:
-        raise RuntimeError(f"airflow backfill create failed: {done.stderr.strip().splitlines()[-1:]}")
+    command = ["airflow", "backfill", "create", "--dag-id", dag_id, "--from-date", days[0].isoformat(),
+               "--to-date", (days[-1] + timedelta(days=1)).isoformat(), "--reprocess-behavior", "completed"]
+    for attempt in range(1, 6):
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        if done.returncode == 0:
+            break
+        # SQLite's single writer: with the scheduler busy, creating the runs can hit "database is
+        # locked"; Airflow then removes the partial backfill, so trying again is safe.
+        if "database is locked" not in done.stderr or attempt == 5:
+            raise RuntimeError(f"{' '.join(command)} failed: {done.stderr.strip()[-800:]}")
+        time.sleep(5 * attempt)
     runs = client.request("GET", f"/dags/{dag_id}/dagRuns?run_type=backfill&limit=1000")["dag_runs"]
     mine = [r for r in runs if r.get("logical_date", "")[:10] <= days[-1].isoformat()
             and r.get("logical_date", "")[:10] >= days[0].isoformat()]
