@@ -13,7 +13,7 @@ model, persistence, HAR and the champion on the day -> `register` registers `tic
 moves `champion` only through the gate in `common/config.py`.
 
 The day is the run's logical date (UTC calendar day) or the `trade_date` param. Backfill:
-`airflow backfill create --dag-id tick_model_training --from-date 2013-10-07 --to-date 2013-10-10`.
+`airflow backfill create --dag-id tick_model_training --from-date 2013-10-07 --to-date 2013-10-10 --max-active-runs 1`.
 Results: MLflow experiment `tick-production`, registered model `tick_model`.
 """
 

@@ -63,7 +63,8 @@ def backfill_lake_days(client: AirflowClient, dag_id: str) -> str:
     days = SEEDED_TICK_DAYS
     # The CLI, as an operator would run it (the REST endpoint refuses backfills on SQLite).
     command = ["airflow", "backfill", "create", "--dag-id", dag_id, "--from-date", days[0].isoformat(),
-               "--to-date", (days[-1] + timedelta(days=1)).isoformat(), "--reprocess-behavior", "completed"]
+               "--to-date", (days[-1] + timedelta(days=1)).isoformat(), "--reprocess-behavior", "completed",
+               "--max-active-runs", "1"]  # in date order: each day's champion is the previous day's
     for attempt in range(1, 6):
         done = subprocess.run(command, capture_output=True, text=True, timeout=300)
         if done.returncode == 0:

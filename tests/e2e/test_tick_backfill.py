@@ -58,7 +58,7 @@ def test_backfill_rebuilds_each_day_once(tmp_path):
         # As documented in docs/tick_model_training.md; --to-date is exclusive of the 17:30 run of
         # that day, so the range 01-05 .. 01-08 holds the three closes of 01-05, 01-06 and 01-07.
         command = (f'eval "$({stack} env)" && airflow backfill create --dag-id {DAG_ID} '
-                   f'--from-date 2026-01-05 --to-date 2026-01-08 {" ".join(extra)}')
+                   f'--from-date 2026-01-05 --to-date 2026-01-08 --max-active-runs 1 {" ".join(extra)}')
         for attempt in range(1, 6):  # SQLite's single writer; Airflow removes a partial backfill
             done = subprocess.run(["bash", "-c", command], env=env, capture_output=True, text=True,
                                   timeout=300)
