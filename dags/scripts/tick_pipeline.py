@@ -235,9 +235,13 @@ def register(validated: Mapping[str, Any], trained: Mapping[str, Any], evaluated
         tags={"data_version": str(trained["data_version"]), "trades_version": str(validated["data_version"]),
               "trade_date": str(validated["day"]), "synthetic": str(trained["synthetic"]).lower(),
               "git_commit": mlflow_utils.git_commit(), "dag_id": who.dag_id, "airflow_run_id": who.run_id})
+    # A model fitted on simulated trades is registered (and tagged) but never becomes champion:
+    # the alias that serving reads must only ever point at a model of real market data.
+    ineligible = "trained on synthetic (simulated) trades" if trained["synthetic"] else None
     decision = registry.decide(cfg.model_name, version, cfg.gate, metrics,
                                champion_score=metrics.get("champion_" + cfg.gate.metric),
-                               evaluated_against=evaluated.get("champion_version"))
+                               evaluated_against=evaluated.get("champion_version"),
+                               ineligible_reason=ineligible)
     return decision.to_dict()
 
 
