@@ -23,18 +23,20 @@ import argparse
 import contextlib
 import fcntl
 import logging
+import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import mlflow
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from common import config
-from common.config import PromotionGate
+from common import config, mlflow_utils
+from common.config import PromotionGate, WorkflowConfig
 from common.mlflow_utils import configure
 
 log = logging.getLogger(__name__)
@@ -139,6 +141,33 @@ def decide(model_name: str, version: str, gate: PromotionGate, metrics: Mapping[
         _record(client, model_name, version, decision, reason, evaluated_against)
     log.info("%s v%s: %s (%s)", model_name, version, decision, reason)
     return Decision(model_name, version, decision, reason, before, after)
+
+
+def log_evaluation(run_id: str, metrics: Mapping[str, float], champion_version: str | None,
+                   write_artifacts: Callable[[str], None] | None = None) -> None:
+    """The evaluate step's MLflow side, shared by every workflow: metrics, the champion they were
+    compared with (what ``decide`` re-checks), and files ``write_artifacts(folder)`` writes,
+    logged under ``evaluation/``."""
+    with mlflow_utils.reopen_run(run_id):
+        mlflow.log_metrics(dict(metrics))
+        mlflow.set_tag(TAG_EVALUATED_AGAINST, champion_version or NO_CHAMPION)
+        if write_artifacts is not None:
+            with tempfile.TemporaryDirectory() as folder:
+                write_artifacts(folder)
+                mlflow.log_artifacts(folder, artifact_path="evaluation")
+
+
+def register_and_decide(workflow: WorkflowConfig, trained: Mapping[str, Any], evaluated: Mapping[str, Any],
+                        tags: Mapping[str, str], ineligible_reason: str | None = None) -> Decision:
+    """The register step every workflow shares: register the trained model as challenger (with
+    its lineage tags and the git commit), then apply the workflow's gate against the champion
+    that evaluation scored on the same data."""
+    metrics = evaluated["metrics"]
+    version = register_challenger(workflow.model_name, trained["model_uri"], trained["run_id"], metrics,
+                                  tags={**tags, "git_commit": mlflow_utils.git_commit()})
+    return decide(workflow.model_name, version, workflow.gate, metrics,
+                  champion_score=metrics.get("champion_" + workflow.gate.metric),
+                  evaluated_against=evaluated.get("champion_version"), ineligible_reason=ineligible_reason)
 
 
 def _judge(gate: PromotionGate, metrics: Mapping[str, float], champion_score: float | None,

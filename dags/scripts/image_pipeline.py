@@ -171,7 +171,6 @@ def _nearest_centroid_accuracy(x_train, y_train, x_test, y_test, classes: int) -
 
 def evaluate(dataset: str, snapshot: Mapping[str, Any], trained: Mapping[str, Any]) -> dict[str, Any]:
     """The logged model, the baseline and the current champion on the same test images."""
-    import mlflow
 
     workflow = config.get(DAG_IDS[dataset])
     cfg = train_config(dataset, {k: trained["params"][k] for k in TUNABLE if k in trained["params"]})
@@ -190,29 +189,18 @@ def evaluate(dataset: str, snapshot: Mapping[str, Any], trained: Mapping[str, An
         except Exception as exc:  # noqa: BLE001 - an unloadable champion cannot be compared
             log.warning("champion v%s cannot be scored: %s", champion.version, exc)
     metrics["evaluate_seconds"] = time.perf_counter() - started
-    with mlflow_utils.reopen_run(trained["run_id"]):
-        mlflow.log_metrics(metrics)
-        mlflow.set_tag(registry.TAG_EVALUATED_AGAINST, champion.version if champion else registry.NO_CHAMPION)
+    registry.log_evaluation(trained["run_id"], metrics, champion.version if champion else None)
     return {"metrics": metrics, "champion_version": champion.version if champion else None,
             "profile": cfg.profile}
 
 
 def register(dataset: str, snapshot: Mapping[str, Any], trained: Mapping[str, Any],
              evaluated: Mapping[str, Any], who: AirflowIdentity) -> dict[str, Any]:
-    workflow = config.get(DAG_IDS[dataset])
-    metrics = evaluated["metrics"]
-    version = registry.register_challenger(
-        workflow.model_name, trained["model_uri"], trained["run_id"], metrics,
-        tags={"data_version": str(snapshot["data_version"]), "git_commit": mlflow_utils.git_commit(),
-              "dag_id": who.dag_id, "airflow_run_id": who.run_id, "profile": evaluated["profile"],
-              "framework": str(trained["params"]["framework"])})
-    decision = registry.decide(
-        workflow.model_name, version, workflow.gate, metrics,
-        champion_score=metrics.get("champion_" + workflow.gate.metric),
-        evaluated_against=evaluated.get("champion_version"),
-        # A smoke run trains on a small subset: it proves the pipeline, never the model.
-        ineligible_reason="smoke profile" if evaluated["profile"] == "smoke" else None)
-    return decision.to_dict()
+    tags = {"data_version": str(snapshot["data_version"]), "dag_id": who.dag_id, "airflow_run_id": who.run_id,
+            "profile": evaluated["profile"], "framework": str(trained["params"]["framework"])}
+    # A smoke run trains on a small subset: it proves the pipeline, never the model.
+    ineligible = "smoke profile" if evaluated["profile"] == "smoke" else None
+    return registry.register_and_decide(config.get(DAG_IDS[dataset]), trained, evaluated, tags, ineligible).to_dict()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import tempfile
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -119,30 +118,21 @@ def evaluate(snapshot: Mapping[str, Any], trained: Mapping[str, str]) -> dict[st
     if champion_metrics is not None:
         metrics["champion_mae"] = champion_metrics["mae"]
     metrics["evaluate_seconds"] = time.perf_counter() - started
-    with mlflow_utils.reopen_run(trained["run_id"]):
-        mlflow.log_metrics(metrics)
-        mlflow.set_tag(registry.TAG_EVALUATED_AGAINST, champion_version or registry.NO_CHAMPION)
-        with tempfile.TemporaryDirectory() as tmp:
-            power_model.plot_forecast(evaluation.frame, f"{tmp}/forecast_vs_actual.png")
-            power_model.plot_importance(booster, f"{tmp}/feature_importance.png")
-            evaluation.frame.to_csv(f"{tmp}/eval_forecasts.csv", index=False)
-            mlflow.log_artifacts(tmp, artifact_path="evaluation")
+
+    def artifacts(folder: str) -> None:
+        power_model.plot_forecast(evaluation.frame, f"{folder}/forecast_vs_actual.png")
+        power_model.plot_importance(booster, f"{folder}/feature_importance.png")
+        evaluation.frame.to_csv(f"{folder}/eval_forecasts.csv", index=False)
+
+    registry.log_evaluation(trained["run_id"], metrics, champion_version, artifacts)
     return {"metrics": metrics, "champion_version": champion_version}
 
 
 def register(snapshot: Mapping[str, Any], trained: Mapping[str, str],
              evaluated: Mapping[str, Any], who: AirflowIdentity) -> dict[str, Any]:
     """Register the challenger and apply the promotion gate."""
-    cfg = config.get(DAG_ID)
-    metrics = evaluated["metrics"]
-    version = registry.register_challenger(
-        cfg.model_name, trained["model_uri"], trained["run_id"], metrics,
-        tags={"data_version": str(snapshot["data_version"]), "git_commit": mlflow_utils.git_commit(),
-              "dag_id": who.dag_id, "airflow_run_id": who.run_id})
-    decision = registry.decide(cfg.model_name, version, cfg.gate, metrics,
-                               champion_score=metrics.get("champion_" + cfg.gate.metric),
-                               evaluated_against=evaluated.get("champion_version"))
-    return decision.to_dict()
+    tags = {"data_version": str(snapshot["data_version"]), "dag_id": who.dag_id, "airflow_run_id": who.run_id}
+    return registry.register_and_decide(config.get(DAG_ID), trained, evaluated, tags).to_dict()
 
 
 def _progress(step: str, **fields: Any) -> None:

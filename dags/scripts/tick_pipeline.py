@@ -205,8 +205,6 @@ def _champion_score(model_name: str, frame) -> tuple[str | None, dict[str, float
 
 def evaluate(lake_uri: str, day: date, built: Mapping[str, Any], trained: Mapping[str, Any]) -> dict[str, Any]:
     """Walk-forward scores of model, persistence, HAR and champion on the day; plots to MLflow."""
-    import mlflow
-
     cfg = config.get(DAG_ID)
     started = time.perf_counter()
     frame = tick_features.load_features(Lake.open(lake_uri), [day])
@@ -216,32 +214,24 @@ def evaluate(lake_uri: str, day: date, built: Mapping[str, Any], trained: Mappin
     if champion_metrics is not None:
         metrics["champion_rmse_log_rv"] = champion_metrics["rmse_log_rv"]
     metrics["evaluate_seconds"] = time.perf_counter() - started
-    with mlflow_utils.reopen_run(trained["run_id"]):
-        mlflow.log_metrics(metrics)
-        mlflow.set_tag(registry.TAG_EVALUATED_AGAINST, champion_version or registry.NO_CHAMPION)
-        with tempfile.TemporaryDirectory() as tmp:
-            tick_model.plot_volatility(evaluation.frame, f"{tmp}/predicted_vs_realized_volatility.png")
-            evaluation.frame.write_csv(f"{tmp}/eval_predictions.csv")
-            mlflow.log_artifacts(tmp, artifact_path="evaluation")
+
+    def artifacts(folder: str) -> None:
+        tick_model.plot_volatility(evaluation.frame, f"{folder}/predicted_vs_realized_volatility.png")
+        evaluation.frame.write_csv(f"{folder}/eval_predictions.csv")
+
+    registry.log_evaluation(trained["run_id"], metrics, champion_version, artifacts)
     return {"metrics": metrics, "champion_version": champion_version}
 
 
 def register(validated: Mapping[str, Any], trained: Mapping[str, Any], evaluated: Mapping[str, Any],
              who: AirflowIdentity) -> dict[str, Any]:
-    cfg = config.get(DAG_ID)
-    metrics = evaluated["metrics"]
-    version = registry.register_challenger(
-        cfg.model_name, trained["model_uri"], trained["run_id"], metrics,
-        tags={"data_version": str(trained["data_version"]), "trades_version": str(validated["data_version"]),
-              "trade_date": str(validated["day"]), "synthetic": str(trained["synthetic"]).lower(),
-              "git_commit": mlflow_utils.git_commit(), "dag_id": who.dag_id, "airflow_run_id": who.run_id})
+    tags = {"data_version": str(trained["data_version"]), "trades_version": str(validated["data_version"]),
+            "trade_date": str(validated["day"]), "synthetic": str(trained["synthetic"]).lower(),
+            "dag_id": who.dag_id, "airflow_run_id": who.run_id}
     # A model fitted on simulated trades is registered (and tagged) but never becomes champion:
     # the alias that serving reads must only ever point at a model of real market data.
     ineligible = "trained on synthetic (simulated) trades" if trained["synthetic"] else None
-    decision = registry.decide(cfg.model_name, version, cfg.gate, metrics,
-                               champion_score=metrics.get("champion_" + cfg.gate.metric),
-                               evaluated_against=evaluated.get("champion_version"),
-                               ineligible_reason=ineligible)
+    decision = registry.register_and_decide(config.get(DAG_ID), trained, evaluated, tags, ineligible)
     return decision.to_dict()
 
 
