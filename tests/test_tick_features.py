@@ -104,3 +104,18 @@ def test_model_walk_forward_beats_persistence_on_simulated_days(lake):
     frame = tick_features.load_features(lk, days[-1:])
     np.testing.assert_allclose(again.predict(frame), result.model.predict(frame))
     np.testing.assert_allclose(again.predict(frame.to_pandas()), result.model.predict(frame))
+
+
+def test_run_params_are_checked():
+    from scripts import tick_pipeline
+    from scripts.errors import ParameterError
+
+    params = tick_pipeline.model_params({"trade_date": "2013-10-09", "max_bad_share": 0.1, "train_days": "5"})
+    assert params.train_days == 5 and params.max_depth == tick_model.ModelParams().max_depth
+    with pytest.raises(ParameterError, match=r"unknown tick_model_training params \['depth'\]"):
+        tick_pipeline.model_params({"depth": 3})
+    with pytest.raises(ParameterError, match="trade_date '9/10/2013' is not YYYY-MM-DD"):
+        tick_pipeline.trade_day({"trade_date": "9/10/2013"}, None)
+    from datetime import datetime, timedelta, timezone
+    close = datetime(2013, 10, 9, 17, 30, tzinfo=timezone(timedelta(hours=-4)))  # 17:30 New York (EDT)
+    assert tick_pipeline.trade_day({"trade_date": None}, close) == date(2013, 10, 9)

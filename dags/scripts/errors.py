@@ -36,3 +36,20 @@ class TrainingError(PipelineError):
 
 class ParameterError(PipelineError, ValueError):
     """A run parameter is unknown or has the wrong type."""
+
+
+def with_overrides(defaults, overrides, owner: str, also_known: frozenset[str] = frozenset()):
+    """``defaults`` (a dataclass) with the run's ``overrides`` applied, each cast to the default's
+    type. An unknown key (outside the dataclass and ``also_known``) or a bad value is a
+    :class:`ParameterError` naming ``owner``, never silently ignored."""
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(defaults)}
+    overrides = {k: v for k, v in dict(overrides or {}).items() if k not in also_known}
+    if unknown := set(overrides) - known:
+        raise ParameterError(f"unknown {owner} params {sorted(unknown)}; known: {sorted(known | also_known)}")
+    try:
+        typed = {k: type(getattr(defaults, k))(v) for k, v in overrides.items()}
+    except (TypeError, ValueError) as exc:
+        raise ParameterError(f"{owner} params {overrides}: {exc}") from None
+    return dataclasses.replace(defaults, **typed)

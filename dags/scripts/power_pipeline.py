@@ -23,7 +23,7 @@ from typing import Any
 from common import config, mlflow_utils, registry
 from common.mlflow_utils import AirflowIdentity
 from scripts import power_data, power_model
-from scripts.errors import ParameterError
+from scripts.errors import with_overrides
 
 log = logging.getLogger(__name__)
 
@@ -32,17 +32,7 @@ DAG_ID = "power_lgbm_training"
 
 def model_params(overrides: Mapping[str, Any] | None) -> power_model.ModelParams:
     """DAG params -> ModelParams; unknown keys are an error, not silently ignored."""
-    known = {f.name: f.type for f in dataclasses.fields(power_model.ModelParams)}
-    overrides = dict(overrides or {})
-    unknown = set(overrides) - set(known)
-    if unknown:
-        raise ParameterError(f"unknown power_lgbm_training params {sorted(unknown)}; known: {sorted(known)}")
-    defaults = power_model.ModelParams()
-    try:
-        typed = {k: type(getattr(defaults, k))(v) for k, v in overrides.items()}
-    except (TypeError, ValueError) as exc:
-        raise ParameterError(f"power_lgbm_training params {overrides}: {exc}") from None
-    return dataclasses.replace(defaults, **typed)
+    return with_overrides(power_model.ModelParams(), overrides, DAG_ID)
 
 
 def prepare(source: str | None = None) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from typing import Any
 from common import config, mlflow_utils, registry
 from common.mlflow_utils import AirflowIdentity
 from scripts import tick_features, tick_lake, tick_model
-from scripts.errors import DataValidationError, ParameterError, PipelineError
+from scripts.errors import DataValidationError, ParameterError, PipelineError, with_overrides
 from scripts.tick_lake import Lake
 
 log = logging.getLogger(__name__)
@@ -59,18 +59,8 @@ def trade_day(params: Mapping[str, Any], logical_date: datetime | None,
 
 
 def model_params(params: Mapping[str, Any] | None) -> tick_model.ModelParams:
-    known = {f.name for f in dataclasses.fields(tick_model.ModelParams)}
-    overrides = {k: v for k, v in dict(params or {}).items() if k not in RUN_PARAMS}
-    unknown = set(overrides) - known
-    if unknown:
-        raise ParameterError(f"unknown {DAG_ID} params {sorted(unknown)}; known: "
-                             f"{sorted(known | RUN_PARAMS)}")
-    defaults = tick_model.ModelParams()
-    try:
-        typed = {k: type(getattr(defaults, k))(v) for k, v in overrides.items()}
-    except (TypeError, ValueError) as exc:
-        raise ParameterError(f"{DAG_ID} params {overrides}: {exc}") from None
-    return dataclasses.replace(defaults, **typed)
+    """DAG params -> ModelParams (the run params themselves aside); unknown keys fail."""
+    return with_overrides(tick_model.ModelParams(), params, DAG_ID, frozenset(RUN_PARAMS))
 
 
 def partition_ready(lake_uri: str, day: date) -> bool:
