@@ -139,3 +139,18 @@ def test_simulated_days_are_tagged_synthetic(tmp_path):
     validated = tick_pipeline.validate(lake, days[0], max_bad_share=0.02)
     assert validated["synthetic"] and validated["data_version"].startswith("synthetic-")
     assert validated["symbols"] == ["AIG", "BAC", "IBM", "SPY"]
+
+
+def test_import_task_for_upstream_dags(tmp_path, monkeypatch):
+    """``common.tick_tasks.import_trades``: what an upstream DAG runs (its callable, called here
+    as the task runner would)."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from common.tick_tasks import import_trades
+
+    monkeypatch.setenv("TICK_LAKE", str(tmp_path / "lake"))
+    reports = import_trades.function([str(write_csv(tmp_path / "good.csv", GOOD))])
+    assert [(r["day"], r["symbol"], r["rows"]) for r in reports] == [("2013-10-08", "IBM", len(GOOD))]
+    bad = write_csv(tmp_path / "bad.csv", GOOD + [BAD["non_positive_price"], BAD["out_of_session"]])
+    with pytest.raises(AirflowFailException, match=r"date=2013-10-08/symbol=IBM 28.57%"):
+        import_trades.function([str(bad)])

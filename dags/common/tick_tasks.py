@@ -1,0 +1,36 @@
+"""The tick importer as an Airflow task, for the upstream pipeline's own DAG.
+
+This repository's ``tick_model_training`` never writes trades; whatever delivers them (a vendor
+drop, a lakehouse job) runs the importer. In an upstream DAG::
+
+    from common.tick_tasks import import_trades
+
+    import_trades(["/data/drops/trades_2013-10-09.csv.gz"])
+
+The task validates and writes the partitions (``scripts.tick_import``) and fails, naming them,
+when a partition's bad-row share passes the limit in ``common/config.py``; the training run for
+that day then fails its own validation too, so nothing is trained on it.
+"""
+
+from __future__ import annotations
+
+from airflow.sdk import task
+
+
+@task(queue="realtime_queue", pool="high_priority_cpu")
+def import_trades(files: list[str], synthetic: bool = False) -> list[dict]:
+    """Import vendor trade files into the lake at ``TICK_LAKE``; returns one report per partition."""
+    from pathlib import Path
+
+    from common import config
+    from common.failures import permanent_errors_fail_fast
+    from scripts import tick_import
+    from scripts.errors import DataValidationError
+
+    with permanent_errors_fail_fast():  # a bad file stays bad: no retries
+        reports = tick_import.import_files(config.tick_lake(), [Path(f) for f in files], synthetic=synthetic)
+        if over := [r for r in reports if r.over_limit]:
+            raise DataValidationError(", ".join(files), "partitions over the bad-row limit: "
+                                      + "; ".join(f"date={r.day}/symbol={r.symbol} {r.bad_share:.2%} "
+                                                  f"{r.reasons}" for r in over))
+    return [r.to_dict() for r in reports]
