@@ -32,25 +32,45 @@ class AirflowClient:
         with urllib.request.urlopen(request, timeout=30) as response:
             return json.load(response)["access_token"]
 
+    # Reads and idempotent writes are retried when the server is slow or briefly failing: on the
+    # embedded stack SQLite has one writer, and a busy scheduler can hold the API server's
+    # request past the client timeout (or fail it with a 5xx "database is locked"). A POST is
+    # never retried: it could create a second run.
+    IDEMPOTENT = frozenset({"GET", "PATCH", "PUT", "DELETE"})
+    ATTEMPTS = 4
+    TIMEOUT = 60.0  # seconds for one request
+    BACKOFF = 5.0  # seconds, times the attempt number
+
     def request(self, method: str, path: str, body: Any = None, ok_missing: bool = False) -> Any:
-        for attempt in (1, 2):
+        attempts = self.ATTEMPTS if method in self.IDEMPOTENT else 1
+        login_retried = False
+        attempt = 0
+        while True:
+            attempt += 1
             self._token = self._token or self._login()
             request = urllib.request.Request(
                 f"{self.base_url}/api/v2{path}", method=method,
                 data=None if body is None else json.dumps(body).encode(),
                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {self._token}"})
             try:
-                with urllib.request.urlopen(request, timeout=60) as response:
+                with urllib.request.urlopen(request, timeout=self.TIMEOUT) as response:
                     payload = response.read()
                     return json.loads(payload) if payload else None
             except urllib.error.HTTPError as exc:
-                if exc.code == 401 and attempt == 1:  # token expired: log in again once
-                    self._token = None
+                if exc.code == 401 and not login_retried:  # token expired: log in again once
+                    self._token, login_retried = None, True
+                    attempt -= 1
                     continue
                 if exc.code == 404 and ok_missing:
                     return None
+                if exc.code >= 500 and attempt < attempts:
+                    time.sleep(self.BACKOFF * attempt)
+                    continue
                 raise AirflowApiError(f"{method} {path}: HTTP {exc.code} {exc.read()[:500]!r}") from None
-        raise AssertionError("unreachable")
+            except (TimeoutError, urllib.error.URLError) as exc:
+                if attempt >= attempts:
+                    raise AirflowApiError(f"{method} {path}: no answer after {attempt} tries: {exc}") from exc
+                time.sleep(self.BACKOFF * attempt)
 
     def wait_for_dags(self, dag_ids: list[str], timeout: float = 300) -> None:
         """Until the dag-processor has parsed every DAG (or fail naming the missing ones)."""
