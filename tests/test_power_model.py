@@ -72,3 +72,38 @@ def test_pipeline_params_reject_unknown_keys_and_cast_types():
     assert (params.num_boost_round, params.learning_rate) == (50, 0.1)
     with pytest.raises(ValueError, match="num_boost_rounds"):
         power_pipeline.model_params({"num_boost_rounds": 5})
+
+
+def test_last_year_features_look_only_at_days_before_the_forecast_day():
+    """Over more than a year, so the features a year back are filled in, and leakage would show."""
+    rng = np.random.default_rng(3)
+    index = pd.date_range("2008-01-01", periods=24 * 420, freq="h")
+    hours = np.arange(len(index))
+    hourly = pd.DataFrame({power_model.TARGET: 1 + np.sin(hours / 24 * 2 * np.pi) ** 2 + rng.random(len(index)),
+                           **{c: rng.random(len(index)) for c in power_model.SIDE_COLUMNS}}, index=index)
+    table = power_model.build_features(hourly)
+    day = table.day.unique()[400]
+    rows = (table.day == day).to_numpy()
+    last_year = [c for c in table.columns if c.startswith("last_year_")]
+    assert last_year and table.features.loc[rows, last_year].notna().all().all()
+    changed = hourly.copy()
+    changed.loc[day:, :] = changed.loc[day:, :] * 3 + 1
+    pd.testing.assert_frame_equal(table.features[rows], power_model.build_features(changed).features[rows])
+
+
+def test_averaged_boosters_predict_the_mean_of_their_members():
+    import lightgbm as lgb
+
+    rng = np.random.default_rng(0)
+    X = pd.DataFrame(rng.random((400, 4)), columns=["a", "b", "c", "d"])
+    y = 3 * X["a"] + rng.random(400)
+    members = [lgb.train({"objective": "l1", "num_leaves": 8, "bagging_fraction": 0.7, "bagging_freq": 1,
+                          "feature_fraction": 0.7, "seed": seed, "verbosity": -1},
+                         lgb.Dataset(X, y), num_boost_round=30) for seed in range(3)]
+    merged = power_model.average_boosters(members)
+    assert merged.num_trees() == 90 and merged.feature_name() == ["a", "b", "c", "d"]
+    expected = np.mean([m.predict(X) for m in members], axis=0)
+    np.testing.assert_allclose(merged.predict(X), expected, rtol=0, atol=1e-9)
+    # And it survives LightGBM's own save/load, as MLflow stores it.
+    reloaded = lgb.Booster(model_str=merged.model_to_string())
+    np.testing.assert_allclose(reloaded.predict(X), expected, rtol=0, atol=1e-9)
