@@ -9,9 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 from datetime import datetime
 from pathlib import Path
 
@@ -20,6 +18,7 @@ sys.path[:0] = [str(ROOT / "dags"), str(ROOT)]
 
 from common import config  # noqa: E402
 from tools.airflow_api import AirflowClient  # noqa: E402
+from tools.backfill import create_backfill  # noqa: E402
 
 
 def admin_password(airflow_home: Path) -> str:
@@ -61,19 +60,10 @@ def backfill_lake_days(client: AirflowClient, dag_id: str) -> str:
     from datetime import timedelta
 
     days = SEEDED_TICK_DAYS
-    # The CLI, as an operator would run it (the REST endpoint refuses backfills on SQLite).
-    command = ["airflow", "backfill", "create", "--dag-id", dag_id, "--from-date", days[0].isoformat(),
-               "--to-date", (days[-1] + timedelta(days=1)).isoformat(), "--reprocess-behavior", "completed",
-               "--max-active-runs", "1"]  # in date order: each day's champion is the previous day's
-    for attempt in range(1, 6):
-        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-        if done.returncode == 0:
-            break
-        # SQLite's single writer: with the scheduler busy, creating the runs can hit "database is
-        # locked"; Airflow then removes the partial backfill, so trying again is safe.
-        if "database is locked" not in done.stderr or attempt == 5:
-            raise RuntimeError(f"{' '.join(command)} failed: {done.stderr.strip()[-800:]}")
-        time.sleep(5 * attempt)
+    # The CLI, as an operator would run it (the REST endpoint refuses backfills on SQLite), one day
+    # at a time in date order: each day's champion is the previous day's.
+    create_backfill(dag_id, days[0].isoformat(), (days[-1] + timedelta(days=1)).isoformat(),
+                    ["--reprocess-behavior", "completed"])
     runs = client.request("GET", f"/dags/{dag_id}/dagRuns?run_type=backfill&limit=1000")["dag_runs"]
     mine = [r for r in runs if r.get("logical_date", "")[:10] <= days[-1].isoformat()
             and r.get("logical_date", "")[:10] >= days[0].isoformat()]

@@ -16,6 +16,7 @@ import pytest
 from scripts import tick_import, tick_lake
 from tests.helpers import free_port
 from tools.airflow_api import AirflowClient
+from tools.backfill import create_backfill
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
@@ -57,15 +58,8 @@ def test_backfill_rebuilds_each_day_once(tmp_path):
     def backfill(*extra: str) -> None:
         # As documented in docs/tick_model_training.md; --to-date is exclusive of the 17:30 run of
         # that day, so the range 01-05 .. 01-08 holds the three closes of 01-05, 01-06 and 01-07.
-        command = (f'eval "$({stack} env)" && airflow backfill create --dag-id {DAG_ID} '
-                   f'--from-date 2026-01-05 --to-date 2026-01-08 --max-active-runs 1 {" ".join(extra)}')
-        for attempt in range(1, 6):  # SQLite's single writer; Airflow removes a partial backfill
-            done = subprocess.run(["bash", "-c", command], env=env, capture_output=True, text=True,
-                                  timeout=300)
-            if done.returncode == 0 or "database is locked" not in done.stderr:
-                break
-            time.sleep(5 * attempt)
-        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        create_backfill(DAG_ID, "2026-01-05", "2026-01-08", extra, env=env,
+                        runner=["bash", "-c", f'eval "$({stack} env)" && exec "$@"', "backfill"])
 
     try:
         subprocess.run([stack, "up"], env=env, check=True, timeout=600, capture_output=True, text=True)
