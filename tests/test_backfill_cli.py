@@ -4,6 +4,7 @@ Airflow 3.3 does on a busy SQLite: a lock error that leaves an orphan backfill b
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -34,8 +35,6 @@ ORPHAN = ("airflow.models.backfill.AlreadyRunningBackfill: Another backfill is r
 def fake_cli(tmp_path: Path, answers: list[str]) -> tuple[list[str], Path]:
     script, state = tmp_path / "fake_airflow.py", tmp_path / "answers.json"
     script.write_text(FAKE_AIRFLOW)
-    import json
-
     state.write_text(json.dumps(answers))
     return [sys.executable, str(script), str(state)], Path(str(state) + ".calls")
 

@@ -267,7 +267,7 @@ def fit(table: FeatureTable, params: ModelParams) -> FitResult:
                      window_start, list(X.columns))
 
 
-_TREE_HEADER = re.compile(r"^Tree=\d+$", re.MULTILINE)
+_TREE_HEADER = re.compile(r"^Tree=\d+\n", re.MULTILINE)
 
 
 def average_boosters(boosters: list) -> object:
@@ -284,14 +284,13 @@ def average_boosters(boosters: list) -> object:
         return boosters[0]
     k = len(boosters)
     texts = [b.model_to_string() for b in boosters]
-    head, _, _ = texts[0].partition("\nTree=0\n")
-    _, _, tail = texts[0].partition("end of trees")
-    trees: list[str] = []
-    for text in texts:
-        if "is_linear=1" in text:
-            raise TrainingError("cannot average boosters with linear trees")
-        body = text.partition("\nTree=0\n")[2].partition("end of trees")[0]
-        trees.extend(block.strip("\n") for block in _TREE_HEADER.split("Tree=0\n" + body) if block.strip())
+    if any("is_linear=1" in text for text in texts):
+        raise TrainingError("cannot average boosters with linear trees")
+    # A model text is: header, "Tree=0" ... "Tree=n-1" blocks, "end of trees", importances, params.
+    head = _TREE_HEADER.split(texts[0], maxsplit=1)[0]
+    tail = texts[0].partition("end of trees")[2]
+    trees = [block.strip("\n") for text in texts
+             for block in _TREE_HEADER.split(text.partition("end of trees")[0])[1:]]
 
     def scaled(line: str) -> str:
         key, _, values = line.partition("=")
