@@ -85,3 +85,45 @@ def real_power_zip() -> Path:
     if not path.is_file():
         pytest.skip(f"real data not present at {path} (see ../shared/data/README.md)")
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# The reliability suite's table: every test marked
+#   @pytest.mark.reliability(case="...", fault="...", survives="...")
+# is listed at the end of the run with its outcome (tests/reliability/README.md).
+# ---------------------------------------------------------------------------------------------
+
+_RELIABILITY_ROWS: dict[str, dict[str, str]] = {}
+
+
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        marker = item.get_closest_marker("reliability")
+        if marker is not None:
+            _RELIABILITY_ROWS[item.nodeid] = {**{k: str(v) for k, v in marker.kwargs.items()},
+                                              "outcome": "not run"}
+
+
+def pytest_runtest_logreport(report) -> None:
+    row = _RELIABILITY_ROWS.get(report.nodeid)
+    if row is None:
+        return
+    if report.failed:
+        row["outcome"] = f"FAILED ({report.when})"
+    elif report.skipped:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        row["outcome"] = f"skipped: {reason.removeprefix('Skipped: ')}"
+    elif report.when == "call" and row["outcome"] == "not run":
+        row["outcome"] = "held"
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if not _RELIABILITY_ROWS:
+        return
+    rows = sorted(_RELIABILITY_ROWS.values(), key=lambda r: r.get("case", ""))
+    headers = ("case", "fault", "survives", "outcome")
+    widths = {h: min(70, max(len(h), *(len(r.get(h, "")) for r in rows))) for h in headers}
+    terminalreporter.section("reliability suite")
+    terminalreporter.write_line("  ".join(h.ljust(widths[h]) for h in headers))
+    for r in rows:
+        terminalreporter.write_line("  ".join(r.get(h, "")[:widths[h]].ljust(widths[h]) for h in headers))
