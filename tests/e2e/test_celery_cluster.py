@@ -1,6 +1,6 @@
 """The distributed deployment's routing, for real: a Celery cluster on 127.0.0.1.
 
-tools/cluster.py starts PostgreSQL and Redis (Debian's packages), MLflow, the Airflow API server,
+tools/cluster.py starts PostgreSQL and Redis (pinned wheels in the venv), MLflow, the Airflow API server,
 scheduler and dag-processor, and one Celery worker per worker service of docker-compose-mlops.yml
 (the same queues: ``default,batch_queue,realtime_queue`` and ``gpu_queue`` alone), each under its
 own hostname. Every workflow that has a DAG file is triggered through the REST API with its demo
