@@ -72,6 +72,68 @@ def test_negative_reading_is_rejected_with_its_field(tmp_path, lines):
     assert (err.value.line, err.value.field) == (6, "Voltage")
 
 
+def with_field(lines: list[str], index: int, column: str, text: str) -> list[str]:
+    """``lines`` (complete minutes only, so line numbers are simple) with one field replaced."""
+    broken = [ln for ln in lines if not ln.endswith("?;?;?;?;?;?;?")]
+    fields = broken[index].split(";")
+    fields[HEADER.split(";").index(column)] = text
+    broken[index] = ";".join(fields)
+    return broken
+
+
+@pytest.mark.parametrize("text", ["inf", "Infinity", "1e309", "-inf", "+INF", "-Infinity"])
+def test_non_finite_reading_names_file_line_and_field(tmp_path, lines, text):
+    """pandas reads these as +-infinity; only '?' may stand for a value that is not a number."""
+    with pytest.raises(DataValidationError) as err:
+        parse(tmp_path, with_field(lines, 700, "Global_active_power", text))
+    assert (err.value.line, err.value.field) == (701, "Global_active_power")
+    assert f"{text!r} is not a finite number" in str(err.value)
+    assert str(err.value).startswith(str(tmp_path / "household_power_consumption.txt") + ", line 701, ")
+
+
+@pytest.mark.parametrize("text", ["nan", "NaN", "NA", "", "null"])
+def test_missing_markers_other_than_question_mark_are_refused(tmp_path, lines, text):
+    with pytest.raises(DataValidationError, match="neither a number nor '\\?'") as err:
+        parse(tmp_path, with_field(lines, 300, "Sub_metering_2", text))
+    assert (err.value.line, err.value.field) == (301, "Sub_metering_2")
+
+
+@pytest.mark.parametrize("column, text, problem", [
+    ("Global_active_power", "-0.001", "is negative: Global_active_power must be >= 0"),
+    ("Global_reactive_power", "-1", "is negative"),
+    ("Global_intensity", "-4.2", "is negative: Global_intensity must be >= 0"),
+    ("Sub_metering_1", "-1.000", "is negative"),
+    ("Sub_metering_3", "-17", "is negative"),
+    ("Voltage", "0", "is not positive: Voltage must be > 0"),
+    ("Voltage", "0.00", "is not positive"),
+])
+def test_reading_outside_its_physical_range_names_its_field(tmp_path, lines, column, text, problem):
+    with pytest.raises(DataValidationError) as err:
+        parse(tmp_path, with_field(lines, 42, column, text))
+    assert (err.value.line, err.value.field) == (43, column)
+    assert f"{text!r} {problem}" in str(err.value)
+
+
+def test_zero_power_and_sub_metering_are_valid(tmp_path, lines):
+    """The bounds are the documented meaning: no consumption (0 kW, 0 Wh) is a real reading."""
+    zeros = with_field(with_field(lines, 10, "Global_active_power", "0.000"), 11, "Sub_metering_1", "0")
+    minutes = parse(tmp_path, zeros)
+    assert minutes["global_active_power"].iloc[9] == 0.0
+
+
+def test_first_bad_line_is_reported_and_blank_lines_count(tmp_path, lines):
+    """Two bad readings: the earlier line is named. A blank line (pandas skips it) still counts as
+    a line, so the number is the one an editor shows."""
+    broken = with_field(lines, 900, "Voltage", "inf")
+    broken = with_field(broken, 500, "Global_intensity", "1e309")
+    broken.insert(100, "")
+    with pytest.raises(DataValidationError) as err:
+        parse(tmp_path, broken)
+    assert (err.value.line, err.value.field) == (502, "Global_intensity")
+    raw = (tmp_path / "household_power_consumption.txt").read_text().split("\n")
+    assert "1e309" in raw[err.value.line - 1]
+
+
 def test_truncated_zip_is_a_clear_error(tmp_path, lines):
     path = write_uci_file(tmp_path / "household_power_consumption.zip", lines=lines)
     data = path.read_bytes()

@@ -4,7 +4,10 @@ The official file is ``household_power_consumption.txt`` inside the UCI zip: one
 ``;``-separated, ``Date`` as d/m/yyyy, ``Time`` as hh:mm:ss, ``?`` for a missing reading. Any other
 deviation (header, field count, a date, a number, a duplicate or backwards timestamp) stops the run
 with a :class:`DataValidationError` naming the file and line: a model is never trained on a file
-we only half understood.
+we only half understood. "A number" is a finite decimal: ``inf``, ``Infinity``, ``1e309`` (which
+overflows to infinity) and ``nan`` are refused, because only ``?`` means missing. Each reading must
+also lie in its physical range (:data:`LOWER_BOUNDS`): every quantity is ``>= 0``, the voltage
+``> 0``. Line numbers are as an editor shows them: the header is line 1, blank lines count.
 
 An hour's mean is kept only when at least ``MIN_MINUTES_PER_HOUR`` readings exist; otherwise the
 hour is missing (NaN). Long outages therefore stay visible as gaps instead of being interpolated
@@ -43,6 +46,9 @@ HEADER = [
     "Global_intensity", "Sub_metering_1", "Sub_metering_2", "Sub_metering_3",
 ]
 NUMERIC = HEADER[2:]
+# The documented meaning of each reading bounds it from below: power (kW), intensity (A) and the
+# sub-meterings (Wh) are non-negative; the mains voltage (V) is positive. (lower bound, inclusive?)
+LOWER_BOUNDS: dict[str, tuple[float, bool]] = {c: (0.0, True) for c in NUMERIC} | {"Voltage": (0.0, False)}
 TARGET = "global_active_power"
 MIN_MINUTES_PER_HOUR = 45
 SNAPSHOT_FILE = "hourly.parquet"
@@ -78,8 +84,12 @@ def read_source_bytes(path: Path) -> tuple[bytes, str]:
     return path.read_bytes(), str(path)
 
 
-def _check_field_counts(raw: bytes, name: str) -> None:
-    """Every line must have exactly 8 separators; pandas would pad a short line with NaN."""
+def _check_field_counts(raw: bytes, name: str) -> np.ndarray:
+    """Every line must have exactly 8 separators; pandas would pad a short line with NaN.
+
+    Returns the 1-based line numbers of the non-blank lines (header first): pandas skips blank
+    lines, so data row ``i`` of the frame is on line ``lines[i + 1]``.
+    """
     buf = np.frombuffer(raw, dtype=np.uint8)
     newlines = np.flatnonzero(buf == ord("\n"))
     if len(buf) and buf[-1] != ord("\n"):
@@ -96,6 +106,40 @@ def _check_field_counts(raw: bytes, name: str) -> None:
             name, f"expected {len(HEADER)} ';'-separated fields, found {int(counts[bad[0]]) + 1}",
             line=line,
         )
+    return np.flatnonzero(~blank) + 1
+
+
+def _field_text(raw: bytes, line: int, column: str) -> str:
+    """The text of ``column`` on ``line`` (1-based), as written in the file; only for messages."""
+    text = raw.split(b"\n", line)[line - 1].decode("utf-8", "replace")
+    return text.rstrip("\r").split(";")[HEADER.index(column)]
+
+
+def check_readings(values: np.ndarray, raw: bytes, name: str, lines: np.ndarray) -> None:
+    """Every reading finite (NaN is a ``?``) and within its column's :data:`LOWER_BOUNDS`.
+
+    One vectorised pass per rule over the whole file; only when a rule fails is the first offending
+    row (in file order) located and its text read back for the message.
+    """
+    with np.errstate(invalid="ignore"):
+        rules = [
+            (np.isinf(values), "is not a finite number (only '?' marks a missing reading)"),
+            (values < np.array([LOWER_BOUNDS[c][0] for c in NUMERIC]), None),
+            ((values == np.array([LOWER_BOUNDS[c][0] for c in NUMERIC]))
+             & ~np.array([LOWER_BOUNDS[c][1] for c in NUMERIC]), None),
+        ]
+    for bad, problem in rules:
+        if not bad.any():
+            continue
+        row, col = (int(x[0]) for x in np.nonzero(bad))  # row-major: the first bad line, then field
+        column = NUMERIC[col]
+        line = int(lines[row + 1])
+        if problem is None:
+            bound, inclusive = LOWER_BOUNDS[column]
+            problem = f"is {'negative' if inclusive else 'not positive'}: {column} must be " \
+                      f"{'>=' if inclusive else '>'} {bound:g}"
+        raise DataValidationError(name, f"{_field_text(raw, line, column)!r} {problem}",
+                                  line=line, field=column)
 
 
 def parse_minutes(raw: bytes, name: str) -> pd.DataFrame:
@@ -104,7 +148,7 @@ def parse_minutes(raw: bytes, name: str) -> pd.DataFrame:
     if first_line.split(";") != HEADER:
         raise DataValidationError(name, f"header is {first_line!r}, expected {';'.join(HEADER)!r}",
                                   line=1)
-    _check_field_counts(raw, name)
+    lines = _check_field_counts(raw, name)
     try:
         frame = pd.read_csv(io.BytesIO(raw), sep=";", na_values=["?"], keep_default_na=False,
                             dtype={c: "float64" for c in NUMERIC} | {"Date": str, "Time": str},
@@ -120,7 +164,7 @@ def parse_minutes(raw: bytes, name: str) -> pd.DataFrame:
             if bad.any():
                 row = int(np.flatnonzero(bad.to_numpy())[0])
                 raise DataValidationError(
-                    name, f"{text.iloc[row]!r} is neither a number nor '?'", line=row + 2,
+                    name, f"{text.iloc[row]!r} is neither a number nor '?'", line=int(lines[row + 1]),
                     field=column) from None
         raise
     if frame.empty:
@@ -132,17 +176,16 @@ def parse_minutes(raw: bytes, name: str) -> pd.DataFrame:
         row = int(bad[0])
         raise DataValidationError(
             name, f"{frame['Date'].iloc[row]!r} {frame['Time'].iloc[row]!r} is not d/m/yyyy hh:mm:ss",
-            line=row + 2, field="Date/Time")
+            line=int(lines[row + 1]), field="Date/Time")
     ns = stamps.to_numpy().astype("datetime64[ns]").astype(np.int64)
     step = np.diff(ns)
     if (step <= 0).any():
         row = int(np.flatnonzero(step <= 0)[0]) + 1
         kind = "duplicate timestamp" if step[row - 1] == 0 else "timestamp earlier than the line before"
-        raise DataValidationError(name, f"{kind} {stamps.iloc[row]}", line=row + 2, field="Date/Time")
+        raise DataValidationError(name, f"{kind} {stamps.iloc[row]}", line=int(lines[row + 1]),
+                                  field="Date/Time")
     values = frame[NUMERIC].astype("float64")
-    if (values.to_numpy() < 0).any():
-        row, col = (int(x[0]) for x in np.nonzero(values.to_numpy() < 0))
-        raise DataValidationError(name, "negative reading", line=row + 2, field=NUMERIC[col])
+    check_readings(values.to_numpy(), raw, name, lines)
     values.columns = [c.lower() for c in NUMERIC]
     values.index = pd.DatetimeIndex(stamps, name="timestamp")
     return values
