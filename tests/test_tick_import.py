@@ -76,10 +76,91 @@ def test_missing_column_names_file_line_and_field(tmp_path):
     assert not (tmp_path / "lake").exists()  # nothing half-written
 
 
-def test_unreadable_time_fails_loudly_naming_the_line(tmp_path):
-    source = write_csv(tmp_path / "t.csv", [*GOOD, "IBM,yesterday,185.1,100,N,1,0"])
-    with pytest.raises(DataValidationError, match=r"t.csv, line 7, field 'time'"):
+def many_rows(n: int, symbol: str = "IBM", day: date = DAY) -> list[str]:
+    """``n`` valid trades of ``symbol`` in tape order, 50 ms apart from 09:30."""
+    start = 9 * 3_600_000 + 30 * 60_000
+    rows = []
+    for i in range(n):
+        ms = start + 50 * i
+        stamp = f"{day} {ms // 3_600_000:02d}:{ms // 60_000 % 60:02d}:{ms // 1000 % 60:02d}.{ms % 1000:03d}"
+        rows.append(f"{symbol},{stamp},{185 + (i % 7) / 100:.2f},{100 + i % 3 * 100},N,1,0")
+    return rows
+
+
+def test_unreadable_times_are_quarantined_and_the_rest_imported(tmp_path):
+    """2 rows with unreadable times in 20,000: quarantined as unparseable_time in the partition of
+    the row above them; the file is not refused."""
+    rows = many_rows(20_000)
+    rows[5_000] = "IBM,2013-10-08 25:61:00.000,185.10,100,N,1,0"
+    rows[12_345] = "IBM,yesterday,185.1,100,N,1,0"
+    source = write_csv(tmp_path / "ibm.csv", rows)
+    (report,) = tick_import.import_files(str(tmp_path / "lake"), [source])
+    assert (report.day, report.rows_in, report.rows, report.bad_rows) == ("2013-10-08", 20_000, 19_998, 2)
+    assert report.reasons == {"unparseable_time": 2} and not report.over_limit
+    quarantine = read_partition(tmp_path / "lake", DAY, "IBM", tick_lake.QUARANTINE_FILE)
+    assert quarantine["line"].to_list() == [5_002, 12_347]  # header is line 1
+    assert quarantine["time"][1] == "yesterday" and set(quarantine["reason"]) == {"unparseable_time"}
+    assert read_partition(tmp_path / "lake", DAY, "IBM").height == 19_998
+    assert tick_pipeline.validate(str(tmp_path / "lake"), DAY, max_bad_share=0.02)["trades"] == 19_998
+
+
+def test_unreadable_time_goes_to_the_day_of_its_neighbours(tmp_path):
+    """Several days and symbols in one file: the row joins its own symbol's day above it (below it
+    when it is the symbol's first row)."""
+    next_day = date(2013, 10, 9)
+    rows = [*many_rows(3, "BAC"), "BAC,09:31,14.1,100,D,1,0",
+            "IBM,,185.1,100,N,1,0", *many_rows(3, "IBM", next_day), *many_rows(2, "BAC", next_day)]
+    reports = tick_import.import_files(str(tmp_path / "lake"), [write_csv(tmp_path / "m.csv", rows)],
+                                       max_bad_share=1.0)
+    bad = {(r.day, r.symbol): r.reasons for r in reports if r.bad_rows}
+    assert bad == {("2013-10-08", "BAC"): {"unparseable_time": 1},
+                   ("2013-10-09", "IBM"): {"unparseable_time": 1}}
+
+
+def test_unreadable_time_with_no_day_to_take_fails_naming_the_line(tmp_path):
+    """A symbol none of whose rows has a readable time: no partition to quarantine it in."""
+    source = write_csv(tmp_path / "t.csv", [*GOOD, "AIG,yesterday,45.1,100,N,1,0"])
+    with pytest.raises(DataValidationError, match=r"t.csv, line 7, field 'time': 1 row\(s\) with an "
+                       r"unreadable time and no row of symbol 'AIG'"):
         tick_import.import_files(str(tmp_path / "lake"), [source])
+    assert not (tmp_path / "lake").exists()
+
+
+def test_unreadable_symbol_fails_naming_the_line(tmp_path):
+    source = write_csv(tmp_path / "s.csv", [*GOOD, ",2013-10-08 09:30:04.000,185.1,100,N,1,0"])
+    with pytest.raises(DataValidationError, match=r"s.csv, line 7, field 'symbol'"):
+        tick_import.import_files(str(tmp_path / "lake"), [source])
+
+
+@pytest.mark.parametrize("field, text, reason", [
+    ("price", "inf", "unparseable_price"),
+    ("price", "Infinity", "unparseable_price"),
+    ("price", "1e309", "unparseable_price"),
+    ("price", "-inf", "unparseable_price"),
+    ("price", "nan", "unparseable_price"),
+    ("price", "NaN", "unparseable_price"),
+    ("price", "", "unparseable_price"),
+    ("price", "-185.1", "non_positive_price"),
+    ("price", "0.0", "non_positive_price"),
+    ("price", "1e-400", "non_positive_price"),  # underflows to 0
+    ("size", "inf", "unparseable_size"),
+    ("size", "1e309", "unparseable_size"),
+    ("size", "nan", "unparseable_size"),
+    ("size", "100.5", "unparseable_size"),
+    ("size", "0", "non_positive_size"),
+    ("size", "-100", "non_positive_size"),
+])
+def test_non_finite_or_non_positive_price_and_size_are_quarantined(tmp_path, field, text, reason):
+    fields = dict(zip(HEADER.split(","), "IBM,2013-10-08 09:30:04.000,185.2,100,N,1,0".split(","),
+                      strict=True))
+    fields[field] = text
+    source = write_csv(tmp_path / "p.csv", [*GOOD, ",".join(fields.values())])
+    (report,) = tick_import.import_files(str(tmp_path / "lake"), [source], max_bad_share=1.0)
+    assert (report.rows, report.reasons) == (len(GOOD), {reason: 1})
+    quarantine = read_partition(tmp_path / "lake", DAY, "IBM", tick_lake.QUARANTINE_FILE)
+    assert (quarantine["line"][0], quarantine[field][0]) == (len(GOOD) + 2, text or None)
+    good = read_partition(tmp_path / "lake", DAY, "IBM")
+    assert good["price"].is_finite().all() and (good["price"] > 0).all() and (good["size"] > 0).all()
 
 
 def test_reimport_replaces_never_duplicates(tmp_path):

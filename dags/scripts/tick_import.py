@@ -8,7 +8,11 @@ America/New_York wall time (the AlgoSeek layout of ``DATA_MIRROR/ticks``).
 Every row is checked; a bad row is not dropped silently but kept, with its file, line and reason,
 in ``_quarantine.parquet`` beside its partition. Reasons:
 
-``unparseable_<field>``  a value that is not a number, time or 0/1 flag
+``unparseable_<field>``  a value that is not a time, a finite number (``nan``, ``inf``,
+                         ``Infinity``, ``1e309`` are not), a whole number for ``size``, or a 0/1
+                         flag. A row whose time cannot be read has no day of its own: it is
+                         quarantined in the partition of the nearest readable row of its symbol
+                         above it in the same file (below it, for the first rows).
 ``non_positive_price`` / ``non_positive_size``
 ``out_of_session``       outside 04:00-20:00 New York (pre-market to after-hours) or on a weekend
 ``out_of_order``         earlier than a trade already seen for the symbol that day
@@ -130,7 +134,8 @@ def classify(raw):
         pl.when(pl.col("symbol").is_null() | (pl.col("symbol").str.strip_chars() == ""))
         .then(pl.lit("unparseable_symbol"))
         .when(pl.col("ts").is_null()).then(pl.lit("unparseable_time"))
-        .when(pl.col("price_v").is_null() | pl.col("price_v").is_nan()).then(pl.lit("unparseable_price"))
+        .when(pl.col("price_v").is_null() | ~pl.col("price_v").is_finite())
+        .then(pl.lit("unparseable_price"))
         .when(pl.col("size_v").is_null()).then(pl.lit("unparseable_size"))
         .when(pl.col("suspicious_v").is_null()).then(pl.lit("unparseable_suspicious"))
         .when(pl.col("price_v") <= 0).then(pl.lit("non_positive_price"))
@@ -142,6 +147,17 @@ def classify(raw):
         .otherwise(pl.lit(None, dtype=pl.Utf8))
     )
     return parsed.with_columns(reason=reason)
+
+
+def attribute_unreadable_times(rows):
+    """Give each row whose time cannot be read (reason ``unparseable_time``, no day) the day of the
+    nearest readable row of its symbol above it in its file, else below it: a vendor file is one
+    tape in time order, so that is the partition the row came from. The row stays quarantined; it
+    only needs a partition to be quarantined in (and to count in that partition's bad share)."""
+    import polars as pl
+
+    return rows.with_columns(
+        day=pl.col("day").forward_fill().backward_fill().over(["file_no", "symbol"]))
 
 
 def to_lake_schema(good):
@@ -168,15 +184,22 @@ def import_files(lake_uri: str, files: Sequence[Path], *, synthetic: bool = Fals
 
     if not files:
         raise ValueError("no trade files given")
-    raw = pl.concat([read_vendor_csv(Path(f)) for f in files], how="vertical")
-    rows = classify(raw)
-    # Rows whose day or symbol cannot be read belong to no partition: they can only fail loudly.
-    orphans = rows.filter(pl.col("day").is_null() | pl.col("reason").is_in(["unparseable_symbol"]))
+    raw = pl.concat([read_vendor_csv(Path(f)).with_columns(file_no=pl.lit(i, dtype=pl.Int32))
+                     for i, f in enumerate(files)], how="vertical")
+    rows = attribute_unreadable_times(classify(raw))
+    # Rows whose symbol cannot be read, or whose day cannot be inferred, belong to no partition:
+    # they can only fail loudly.
+    orphans = rows.filter(pl.col("day").is_null() | (pl.col("reason") == "unparseable_symbol"))
     if orphans.height:
         first = orphans.row(0, named=True)
-        raise DataValidationError(first["source"], f"{orphans.height} row(s) without a readable symbol "
-                                  f"and time, e.g. {first['symbol']!r},{first['time']!r}",
-                                  line=first["line"], field="time" if first["day"] is None else "symbol")
+        if first["reason"] == "unparseable_symbol":
+            raise DataValidationError(first["source"], f"{orphans.height} row(s) without a readable "
+                                      f"symbol, e.g. {first['symbol']!r},{first['time']!r}",
+                                      line=first["line"], field="symbol")
+        raise DataValidationError(first["source"], f"{orphans.height} row(s) with an unreadable time "
+                                  f"and no row of symbol {first['symbol']!r} with a readable time in "
+                                  f"the file to take the day from, e.g. {first['time']!r}",
+                                  line=first["line"], field="time")
     lake = Lake.open(lake_uri)
     reports = []
     for (day, symbol), part in rows.group_by(["day", "symbol"], maintain_order=True):
