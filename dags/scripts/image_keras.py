@@ -33,6 +33,10 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from scripts import threads  # noqa: E402
+
+threads.apply()  # TensorFlow reads its pool sizes (TF_NUM_*_THREADS) when its runtime starts
+
 try:
     # TensorFlow and Triton (which torch loads on its first optimizer) each bring their own LLVM;
     # loading Triton after TensorFlow segfaults the process, loading it first is fine. A process
@@ -206,7 +210,10 @@ def _train_dataset(x: tf.Tensor, y: tf.Tensor, batch_size: int, seed: int, epoch
                               recipe.pad, recipe.flip)
         return images, tf.gather(y, idx)
 
-    return ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = threads.budget()  # AUTOTUNE within the task's share
+    return ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(
+        tf.data.AUTOTUNE).with_options(options)
 
 
 def test_labels(arrays: ImageArrays, cfg: TrainConfig) -> np.ndarray:
@@ -271,6 +278,7 @@ def train_keras(arrays: ImageArrays, cfg: TrainConfig, on_epoch: EpochCallback |
 
     Order per epoch: train -> evaluate -> checkpoint -> ``on_epoch``.
     """
+    threads.apply()  # tf.config.threading, where TensorFlow's runtime has not started yet
     device = _pick_device(cfg.device)
     previous_policy = keras.mixed_precision.global_policy()
     if device == "cuda":

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from scripts import threads
 from scripts.image_common import EpochCallback, EpochResult, ImageArrays, TrainConfig, TrainResult, subset
 
 CHECKPOINT = "checkpoint.pt"
@@ -148,8 +149,7 @@ def train_torch(arrays: ImageArrays, cfg: TrainConfig, on_epoch: EpochCallback |
     cuda = device.type == "cuda"
     torch.manual_seed(cfg.seed)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    if not cuda:
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
+    threads.apply()  # this task's share of the cores (intra- and inter-op pools), on CUDA too
     net_cls, peak_lr, smoothing, pad, flip, weight_decay = RECIPES[cfg.dataset]
     peak_lr = recipe.learning_rate or peak_lr
 

@@ -22,6 +22,7 @@ from datetime import date, timedelta
 import numpy as np
 import pandas as pd
 
+from scripts import progress, threads
 from scripts.errors import TrainingError
 
 TARGET = "global_active_power"
@@ -230,7 +231,7 @@ def eval_window_start(table: FeatureTable, eval_weeks: int) -> pd.Timestamp:
     return last_day - pd.Timedelta(days=7 * eval_weeks - 1)
 
 
-def fit(table: FeatureTable, params: ModelParams) -> FitResult:
+def fit(table: FeatureTable, params: ModelParams, progress_label: str = "power_lgbm train") -> FitResult:
     """Early-stop on the weeks just before the eval window, then refit on all pre-window days."""
     import lightgbm as lgb
 
@@ -246,13 +247,20 @@ def fit(table: FeatureTable, params: ModelParams) -> FitResult:
             f"validation hours before the {params.eval_weeks}-week evaluation window")
     X, y = table.features, table.target
     started = time.perf_counter()
-    lgb_params = params.lgb_params()
+    # ModelParams.num_threads caps the task's thread budget (scripts/threads.py); 0: the budget.
+    lgb_params = {**params.lgb_params(), "num_threads": threads.capped(params.num_threads)}
     train_set = lgb.Dataset(X[train_mask], y[train_mask], free_raw_data=False)
     val_set = lgb.Dataset(X[val_mask], y[val_mask], reference=train_set)
+    # The training set among valid_sets costs nothing (LightGBM keeps its scores) and early
+    # stopping ignores it: it is the loss the progress lines report.
+    probe_progress = progress.Progress(f"{progress_label} early-stopping probe", "round",
+                                       params.num_boost_round, at_most=True)
     probe = lgb.train(lgb_params, train_set, num_boost_round=params.num_boost_round,
-                      valid_sets=[val_set],
-                      callbacks=[lgb.early_stopping(params.early_stopping_rounds, verbose=False)])
+                      valid_sets=[train_set, val_set], valid_names=["train", "valid"],
+                      callbacks=[lgb.early_stopping(params.early_stopping_rounds, verbose=False),
+                                 progress.lightgbm_callback(probe_progress)])
     best = max(1, probe.best_iteration or params.num_boost_round)
+    probe_progress.finish(best_iteration=best)
     # Refit on everything before the window, a little longer for the extra weeks of data.
     full_mask = train_mask | val_mask
     rounds = int(best * full_mask.sum() / train_mask.sum())
@@ -260,8 +268,12 @@ def fit(table: FeatureTable, params: ModelParams) -> FitResult:
     # A seed ensemble: boosters that differ only in their bagging and feature-sampling draws,
     # averaged. One booster's skill moves by +-0.4 points with the seed alone; the average is
     # both steadier and better (see docs/power_lgbm_training.md).
-    members = [lgb.train({**lgb_params, "seed": params.seed + i}, full_set, num_boost_round=rounds)
-               for i in range(max(1, params.ensemble_size))]
+    size = max(1, params.ensemble_size)
+    refit_progress = progress.Progress(f"{progress_label} refit of {size} seed(s)", "round", rounds * size)
+    members = [lgb.train({**lgb_params, "seed": params.seed + i}, full_set, num_boost_round=rounds,
+                         valid_sets=[full_set], valid_names=["train"],
+                         callbacks=[progress.lightgbm_callback(refit_progress, offset=i * rounds)])
+               for i in range(size)]
     booster = average_boosters(members)
     return FitResult(booster, rounds, time.perf_counter() - started, int(full_mask.sum()),
                      window_start, list(X.columns))

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from datetime import date
 
-from scripts import tick_lake
+from scripts import threads, tick_lake
 from scripts.errors import DataValidationError
 from scripts.tick_lake import Lake
 
@@ -174,6 +174,7 @@ def build_day(lake_uri: str, day: date) -> BuildResult:
     """(Re)build the feature partition of ``day`` from its trade partitions; atomic, idempotent."""
     from scripts.tick_import import parquet_bytes
 
+    threads.apply()  # before Polars loads (POLARS_MAX_THREADS is read once, at import)
     lake = Lake.open(lake_uri)
     if not lake.day_ready(day):
         raise DataValidationError(lake.display(lake.day_dir(tick_lake.TRADES, day)),

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from scripts import progress, threads
 from scripts.errors import TrainingError
 from scripts.tick_features import FEATURES, TARGET
 
@@ -154,14 +155,19 @@ def fit(train_frame, params: ModelParams) -> FitResult:
         return xgboost.DMatrix(matrix(frame), label=residual, feature_names=list(FEATURES))
 
     dtrain, dvalid = dmatrix(fit_rows), dmatrix(valid_rows)
+    # "valid" stays the last evaluation: early stopping watches it; "train" is the reported loss.
+    rounds = progress.Progress("tick_model train", "round", params.num_boost_round, at_most=True)
     booster = xgboost.train(
         {"objective": "reg:squarederror", "max_depth": params.max_depth, "eta": params.learning_rate,
          "min_child_weight": params.min_child_weight, "subsample": params.subsample,
          "colsample_bytree": params.colsample_bytree, "lambda": params.reg_lambda,
-         "seed": params.seed, "nthread": params.nthread, "tree_method": "hist", "eval_metric": "rmse"},
-        dtrain, num_boost_round=params.num_boost_round, evals=[(dvalid, "valid")],
-        early_stopping_rounds=params.early_stopping_rounds, verbose_eval=False)
+         "seed": params.seed, "nthread": threads.capped(params.nthread), "tree_method": "hist",
+         "eval_metric": "rmse"},
+        dtrain, num_boost_round=params.num_boost_round, evals=[(dtrain, "train"), (dvalid, "valid")],
+        early_stopping_rounds=params.early_stopping_rounds, verbose_eval=False,
+        callbacks=[progress.xgboost_callback(rounds)])
     best = int(booster.best_iteration)
+    rounds.finish(best_iteration=best + 1)
     return FitResult(HarXgbModel(coef, booster, best), fit_rows.height, valid_rows.height,
                      time.perf_counter() - started, best)
 
