@@ -14,7 +14,13 @@ challenger was compared with (compare-and-set). So of two runs finishing at once
 the second sees a champion it never beat. The lock is a file lock (one host); on a cluster every
 register task also runs in the one-slot ``model_registry`` pool.
 
-CLI: ``python -m common.registry approve MODEL VERSION`` promotes a version that waits for approval.
+CLI (from dags/):
+
+    python -m common.registry pending [MODEL]            # versions waiting for approval, with metrics
+    python -m common.registry approve MODEL VERSION --by NAME
+
+A mistake of the person at the keyboard (no such version, a version not waiting for approval) is
+one line ``error: ...`` on stderr and exit code 2; anything unexpected keeps its traceback.
 """
 
 from __future__ import annotations
@@ -22,7 +28,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import json
 import logging
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -46,6 +54,19 @@ PROMOTED, REJECTED, PENDING = "promoted", "rejected", "pending_approval"
 NO_CHAMPION = "none"
 TAG_DECISION, TAG_REASON = "decision", "decision_reason"
 TAG_EVALUATED_AGAINST = "evaluated_against_champion"
+TAG_GATE_METRIC, TAG_GATE_THRESHOLD_METRIC = "gate_metric", "gate_threshold_metric"
+
+
+class RegistryUserError(ValueError):
+    """A permanent mistake in what a person asked for: the CLI prints it as one line, exit 2."""
+
+
+class VersionNotFound(RegistryUserError):
+    pass
+
+
+class NotPending(RegistryUserError):
+    pass
 
 
 @dataclass(frozen=True)
@@ -98,10 +119,7 @@ def register_challenger(model_name: str, model_uri: str, run_id: str,
         version = str(max(int(v.version) for v in existing))
         log.info("run %s already registered as %s v%s", run_id, model_name, version)
     else:
-        with contextlib.suppress(MlflowException):  # exists already
-            client.create_registered_model(model_name)
-        mv = mlflow.register_model(model_uri, model_name)
-        version = str(mv.version)
+        version = _create_version(client, model_name, model_uri, run_id)
         _wait_ready(client, model_name, version)
     all_tags = {**tags, "mlflow_run_id": run_id,
                 **{f"metric.{k}": f"{float(v):.6g}" for k, v in metrics.items()}}
@@ -109,6 +127,32 @@ def register_challenger(model_name: str, model_uri: str, run_id: str,
         client.set_model_version_tag(model_name, version, key, str(value))
     client.set_registered_model_alias(model_name, CHALLENGER, version)
     return version
+
+
+def _create_version(client: MlflowClient, model_name: str, model_uri: str, run_id: str) -> str:
+    """A new version of ``model_name`` (created first if new) from the logged model.
+
+    What ``mlflow.register_model`` does, without its messages: it prints "Registered model 'x'
+    already exists. Creating a new version..." and "Created version ..." to stderr, which Airflow's
+    task runner logs at ERROR level, so every successful register task showed three ERROR lines.
+    """
+    if not client.search_registered_models(filter_string=f"name = '{model_name}'", max_results=1):
+        try:
+            client.create_registered_model(model_name)
+        except MlflowException as exc:  # created meanwhile by a run registering at the same moment
+            if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+                raise
+    model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
+    mv = client.create_model_version(model_name, source=model_uri, run_id=run_id, model_id=model_id)
+    if model_id:  # the logged model's link to its registered versions, as register_model keeps it
+        with contextlib.suppress(MlflowException):
+            from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+            links = json.loads(client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS) or "[]")
+            links.append({"name": mv.name, "version": mv.version})
+            client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(links)})
+    log.info("registered %s as %s v%s", model_uri, model_name, mv.version)
+    return str(mv.version)
 
 
 def decide(model_name: str, version: str, gate: PromotionGate, metrics: Mapping[str, float],
@@ -139,6 +183,8 @@ def decide(model_name: str, version: str, gate: PromotionGate, metrics: Mapping[
             client.set_registered_model_alias(model_name, CHAMPION, version)
             after = version
         _record(client, model_name, version, decision, reason, evaluated_against)
+        client.set_model_version_tag(model_name, version, TAG_GATE_METRIC, gate.metric)
+        client.set_model_version_tag(model_name, version, TAG_GATE_THRESHOLD_METRIC, gate.threshold_metric)
     log.info("%s v%s: %s (%s)", model_name, version, decision, reason)
     return Decision(model_name, version, decision, reason, before, after)
 
@@ -210,10 +256,10 @@ def approve(model_name: str, version: str, approver: str) -> Decision:
     """A person's approval: promote a ``pending_approval`` version if the champion is unchanged."""
     client = configure()
     with promotion_lock(model_name):
-        tags = client.get_model_version(model_name, version).tags
+        tags = _version(client, model_name, version).tags
         if tags.get(TAG_DECISION) != PENDING:
-            raise ValueError(f"{model_name} v{version} is {tags.get(TAG_DECISION, 'undecided')!r}, "
-                             f"not {PENDING!r}")
+            raise NotPending(f"{model_name} v{version} is {tags.get(TAG_DECISION, 'undecided')!r}, "
+                             f"not {PENDING!r}: only a version waiting for approval can be approved")
         champion = alias_version(client, model_name, CHAMPION)
         before = champion.version if champion else None
         against = tags.get(TAG_EVALUATED_AGAINST, NO_CHAMPION)
@@ -227,15 +273,87 @@ def approve(model_name: str, version: str, approver: str) -> Decision:
         return Decision(model_name, version, PROMOTED, reason, before, version)
 
 
+def _version(client: MlflowClient, model_name: str, version: str) -> ModelVersion:
+    try:
+        return client.get_model_version(model_name, str(version))
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE"):
+            raise VersionNotFound(f"{model_name} v{version} does not exist in the model registry "
+                                  f"at {mlflow_utils.tracking_uri()}") from None
+        raise
+
+
+@dataclass(frozen=True)
+class PendingVersion:
+    model_name: str
+    version: str
+    created: str  # ISO 8601, UTC
+    metrics: dict[str, float]  # the gate's metric and threshold metric (every metric if unknown)
+    evaluated_against: str  # the champion it was compared with ("none": there was none)
+    reason: str
+
+
+def _gate_metrics(model_name: str, tags: Mapping[str, str]) -> list[str] | None:
+    if tags.get(TAG_GATE_METRIC):
+        return [tags[TAG_GATE_METRIC], tags.get(TAG_GATE_THRESHOLD_METRIC, tags[TAG_GATE_METRIC])]
+    for workflow in config.WORKFLOWS.values():  # versions decided before the gate was tagged
+        if workflow.model_name == model_name:
+            return [workflow.gate.metric, workflow.gate.threshold_metric]
+    return None
+
+
+def pending(model_name: str | None = None) -> list[PendingVersion]:
+    """Versions waiting for approval (of ``model_name``, or of every registered model)."""
+    client = configure()
+    names = [model_name] if model_name else sorted(m.name for m in client.search_registered_models())
+    found = []
+    for name in names:
+        for mv in client.search_model_versions(f"name = '{name}'"):
+            tags = mv.tags or {}
+            if tags.get(TAG_DECISION) != PENDING:
+                continue
+            recorded = {k.removeprefix("metric."): float(v) for k, v in tags.items() if k.startswith("metric.")}
+            wanted = _gate_metrics(name, tags)
+            metrics = {k: recorded[k] for k in dict.fromkeys(wanted or []) if k in recorded} or recorded
+            created = datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC).isoformat(timespec="seconds")
+            found.append(PendingVersion(name, str(mv.version), created, metrics,
+                                        tags.get(TAG_EVALUATED_AGAINST, NO_CHAMPION), tags.get(TAG_REASON, "")))
+    return sorted(found, key=lambda p: (p.model_name, int(p.version)))
+
+
+def _print_pending(rows: list[PendingVersion]) -> None:
+    if not rows:
+        print("no version is waiting for approval")
+        return
+    table = [("model", "version", "created (UTC)", "metrics", "evaluated against", "reason")]
+    for r in rows:
+        table.append((r.model_name, r.version, r.created.replace("T", " ").removesuffix("+00:00"),
+                      " ".join(f"{k}={v:.6g}" for k, v in r.metrics.items()),
+                      r.evaluated_against if r.evaluated_against == NO_CHAMPION else f"v{r.evaluated_against}",
+                      r.reason))
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[-1])
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Approve a challenger that waits for approval")
+    parser = argparse.ArgumentParser(description="Challengers that wait for a person's approval")
     sub = parser.add_subparsers(dest="command", required=True)
-    approve_cmd = sub.add_parser("approve")
+    pending_cmd = sub.add_parser("pending", help="list versions waiting for approval, with their metrics")
+    pending_cmd.add_argument("model", nargs="?", help="only this registered model")
+    approve_cmd = sub.add_parser("approve", help="promote a version waiting for approval")
     approve_cmd.add_argument("model")
     approve_cmd.add_argument("version")
     approve_cmd.add_argument("--by", default="cli", help="who approves (recorded in the reason)")
     args = parser.parse_args(argv)
-    decision = approve(args.model, args.version, args.by)
+    try:
+        if args.command == "pending":
+            _print_pending(pending(args.model))
+            return 0
+        decision = approve(args.model, args.version, args.by)
+    except RegistryUserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(decision.to_dict())
     return 0 if decision.decision == PROMOTED else 1
 
