@@ -5,15 +5,24 @@
 *resumable*: a retried task (worker killed, timeout) finds the run its earlier try opened, by those
 tags, and continues it instead of leaving a second, half-finished run behind.
 
+A retry never shares that run (or the checkpoints beside it) with an earlier try that is still
+alive: a task process dies with its Airflow supervisor (``die_with_supervisor``), and the run is
+held under an exclusive per-task lock (``task_lock``) that a retry waits for.
+
 Imported only inside tasks (it imports mlflow), never at DAG parse time.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import fcntl
+import hashlib
 import logging
 import os
 import subprocess
+import sys
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +30,7 @@ from typing import Any
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from common import config
 from common.config import REPO_ROOT
 
 log = logging.getLogger(__name__)
@@ -30,6 +40,13 @@ MLFLOW_CONN_ID = "mlflow_default"
 TAG_DAG_ID, TAG_RUN_ID, TAG_TASK_ID = "airflow.dag_id", "airflow.run_id", "airflow.task_id"
 TAG_TRY, TAG_LOGICAL_DATE, TAG_URL = "airflow.try_number", "airflow.logical_date", "airflow.url"
 TAG_GIT_COMMIT, TAG_DATA_VERSION = "git_commit", "data_version"
+TAG_FAILURE_REASON = "failure_reason"
+
+
+def failure_reason(exc: BaseException, limit: int = 5000) -> str:
+    """``Type: message`` of an exception, cut to fit an MLflow tag value."""
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def tracking_uri() -> str:
@@ -137,25 +154,98 @@ def find_task_run(experiment_id: str, who: AirflowIdentity) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _under_airflow_supervisor() -> bool:
+    """True in a task process that an Airflow supervisor forked (LocalExecutor, Celery), not in
+    ``dag.test()``/``airflow dags test`` (in-process) nor on the command line."""
+    runner = sys.modules.get("airflow.sdk.execution_time.task_runner")
+    comms = getattr(runner, "SUPERVISOR_COMMS", None)
+    return comms is not None and type(comms).__name__ != "InProcessSupervisorComms"
+
+
+def die_with_supervisor() -> bool:
+    """Ask the kernel to SIGKILL this task process when its supervisor dies (Linux).
+
+    A supervisor killed with SIGKILL cannot stop its task, and the orphan would go on training
+    and logging while the retry starts. Only under a supervisor: a trainer started from a shell
+    (nohup, the CLI) must outlive it. Returns whether the death signal is set.
+    """
+    if not sys.platform.startswith("linux") or not _under_airflow_supervisor():
+        return False
+    supervisor = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, 9, 0, 0, 0) != 0:  # 9 = SIGKILL
+        log.warning("prctl(PR_SET_PDEATHSIG) failed: errno %s", ctypes.get_errno())
+        return False
+    if os.getppid() != supervisor:  # it died before the signal was armed
+        os._exit(1)
+    return True
+
+
+@contextlib.contextmanager
+def task_lock(who: AirflowIdentity, poll_seconds: float = 5.0) -> Iterator[None]:
+    """Exclusive lock of one task of one Airflow run, across its tries, held while it works.
+
+    A retry whose earlier try still runs (an orphan that outlived its supervisor) waits here until
+    that process has exited; the kernel releases a flock when its holder dies, however it dies.
+    The task's execution_timeout bounds the wait.
+    """
+    key = hashlib.sha256(f"{who.dag_id}\0{who.run_id}\0{who.task_id}".encode()).hexdigest()[:32]
+    path = config.locks_dir() / "tasks" / f"{key}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        waited_since = None
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if waited_since is None:
+                    waited_since = time.monotonic()
+                    holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+                    log.warning("an earlier try of %s.%s (pid %s) is still running; waiting for it to end",
+                                who.dag_id, who.task_id, holder)
+                time.sleep(poll_seconds)
+        if waited_since is not None:
+            log.info("earlier try ended after %.0f s; continuing", time.monotonic() - waited_since)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 @contextlib.contextmanager
 def task_run(experiment: str, who: AirflowIdentity, data_version: str,
              extra_tags: Mapping[str, str] | None = None) -> Iterator[mlflow.ActiveRun]:
     """Open (or resume, on a retry) this task's MLflow run, fully tagged.
 
     On an exception the run is marked FAILED and the exception propagates; a later try reopens the
-    same run and, on success, it ends FINISHED.
+    same run and, on success, it ends FINISHED. The run is this try's alone while it is open
+    (``task_lock``), and this task process dies with its supervisor (``die_with_supervisor``).
     """
-    experiment_id = ensure_experiment(experiment)
-    existing = find_task_run(experiment_id, who)
-    if existing:
-        log.info("resuming MLflow run %s of an earlier try of %s", existing, who.task_id)
-    run_name = f"{who.dag_id}.{who.run_id}"[:250]
-    # The fluent API refuses to resume a run outside the active experiment: make it this one.
-    mlflow.set_experiment(experiment_id=experiment_id)
-    with mlflow.start_run(run_id=existing, run_name=None if existing else run_name) as run:
-        mlflow.set_tags({**who.tags(), TAG_GIT_COMMIT: git_commit(),
-                         TAG_DATA_VERSION: data_version, **(extra_tags or {})})
-        yield run
+    die_with_supervisor()
+    with task_lock(who):
+        experiment_id = ensure_experiment(experiment)
+        existing = find_task_run(experiment_id, who)
+        if existing:
+            log.info("resuming MLflow run %s of an earlier try of %s", existing, who.task_id)
+        run_name = f"{who.dag_id}.{who.run_id}"[:250]
+        # The fluent API refuses to resume a run outside the active experiment: make it this one.
+        mlflow.set_experiment(experiment_id=experiment_id)
+        with mlflow.start_run(run_id=existing, run_name=None if existing else run_name) as run:
+            mlflow.set_tags({**who.tags(), TAG_GIT_COMMIT: git_commit(),
+                             TAG_DATA_VERSION: data_version, **(extra_tags or {})})
+            try:
+                yield run
+            except BaseException as exc:
+                # The run ends FAILED (start_run's context); say why where people look.
+                with contextlib.suppress(Exception):
+                    mlflow.set_tag(TAG_FAILURE_REASON, failure_reason(exc))
+                raise
 
 
 @contextlib.contextmanager
