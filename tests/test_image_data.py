@@ -55,10 +55,12 @@ def mnist_dir(tmp_path) -> tuple[Path, dict[str, np.ndarray]]:
     return directory, write_mnist(directory)
 
 
-def write_cifar_python(path: Path, per_batch: int = 10, seed: int = 0) -> dict[str, np.ndarray]:
+def write_cifar_python(path: Path, per_batch: int = 10, seed: int = 0,
+                       test_labels: object = None) -> dict[str, np.ndarray]:
     """The official tarball: cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}.
 
     Pickled like the originals (protocol 2, bytes keys, CHW rows of 3072 bytes, labels a list).
+    ``test_labels`` replaces the test batch's labels (to write a broken file).
     """
     rng = np.random.default_rng(seed)
     data = rng.integers(0, 256, (6 * per_batch, 3072), dtype=np.uint8)
@@ -70,6 +72,8 @@ def write_cifar_python(path: Path, per_batch: int = 10, seed: int = 0) -> dict[s
         members[name] = {b"batch_label": f"batch {i}".encode(), b"data": data[rows],
                          b"labels": [int(v) for v in labels[rows]],
                          b"filenames": [f"img_{j}.png".encode() for j in range(per_batch)]}
+    if test_labels is not None:
+        members[image_data.CIFAR_TEST_BATCH][b"labels"] = test_labels
     with tarfile.open(path, "w:gz") as tar:
         for name, obj in members.items():
             add_member(tar, f"cifar-10-batches-py/{name}", pickle.dumps(obj, protocol=2))
@@ -204,15 +208,16 @@ def test_wrong_image_size(mnist_dir):
     assert err.value.path == str(path)
 
 
-def test_label_out_of_range(mnist_dir):
+@pytest.mark.parametrize("label", [10, 255])
+def test_label_out_of_range(mnist_dir, label):
     directory, written = mnist_dir
     labels = written["test_labels"].copy()
-    labels[7] = 10
+    labels[7] = label
     path = directory / "t10k-labels-idx1-ubyte.gz"
     path.write_bytes(gzip.compress(idx_bytes(labels)))
-    with pytest.raises(DataValidationError, match="label 10 at index 7 outside 0..9") as err:
+    with pytest.raises(DataValidationError, match=f"label {label} at index 7 outside 0..9") as err:
         image_data.read_mnist(directory)
-    assert err.value.path == str(path)
+    assert err.value.path == str(path) and err.value.field == "labels"
 
 
 def test_missing_class_names_split_and_class(tmp_path, mnist_dir):
@@ -250,6 +255,51 @@ def test_cifar_python_tarball_chw_to_hwc(tmp_path):
     manifest = json.loads((Path(snap.uri) / image_data.MANIFEST_FILE).read_text())
     assert manifest["format"] == "cifar-python"
     assert manifest["class_counts_train"] == dict.fromkeys(CIFAR_CLASSES, 5)
+
+
+def ten(label: object, at: int = 3) -> list[object]:
+    labels: list[object] = [i % 10 for i in range(10)]
+    labels[at] = label
+    return labels
+
+
+@pytest.mark.parametrize("labels, message", [
+    (ten(10), "label 10 at index 3 outside 0..9"),
+    (ten(-1), "label -1 at index 3 outside 0..9"),
+    (ten(2**70), f"label {2**70} at index 3 outside 0..9"),  # no 64-bit wrap-around
+    (ten(2**64 - 1), f"label {2**64 - 1} at index 3 outside 0..9"),
+    (ten(3.7), "label 3.7 at index 3 is not an integer"),  # np.int64 would truncate it to 3
+    (ten(3.0), "label 3.0 at index 3 is not an integer"),
+    (ten(float("nan")), "label nan at index 3 is not an integer"),
+    (ten(float("inf")), "label inf at index 3 is not an integer"),
+    (ten(True), "label True at index 3 is not an integer"),
+    (ten(b"3"), "label b'3' at index 3 is not an integer"),
+    (np.arange(10, dtype=np.float64), "labels are a float64 array, expected integers"),
+    (np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 2**64 - 1], dtype=np.uint64),
+     f"label {2**64 - 1} at index 9 outside 0..9"),
+    ("0123456789", "labels are a str, expected a list of integers"),
+], ids=["10", "-1", "2**70", "2**64-1", "3.7", "3.0", "nan", "inf", "bool", "bytes", "float-array",
+        "uint64-array", "str"])
+def test_cifar_python_labels_must_be_integer_class_ids(tmp_path, labels, message):
+    tarball = tmp_path / "cifar-10-python.tar.gz"
+    write_cifar_python(tarball, test_labels=labels)
+    with pytest.raises(DataValidationError) as err:
+        image_data.prepare("cifar10", tarball, tmp_path / "snaps")
+    assert message in str(err.value)
+    assert err.value.path == f"{tarball}!cifar-10-batches-py/test_batch" and err.value.field == "labels"
+    assert not (tmp_path / "snaps").exists(), "nothing is written for invalid data"
+
+
+def test_validate_refuses_labels_that_are_not_integers(mnist_dir):
+    """Whatever the reader: a float label array (a NaN compares false to both bounds) is refused."""
+    directory, _ = mnist_dir
+    arrays, _ = image_data.read_mnist(directory)
+    broken = image_data.ImageArrays(arrays.x_train, arrays.y_train.astype(np.float64), arrays.x_test,
+                                    arrays.y_test, classes=arrays.classes)
+    broken.y_train[0] = np.nan
+    with pytest.raises(DataValidationError, match="train labels are float64, expected integers") as err:
+        image_data.validate(broken, "mnist", "somewhere")
+    assert err.value.field == "y_train"
 
 
 def test_cifar_python_batch_missing_or_hostile(tmp_path):
@@ -323,6 +373,19 @@ def test_corrupt_and_truncated_images_in_tarball_name_the_member(tmp_path):
         with pytest.raises(DataValidationError, match="not a readable JPEG/PNG") as err:
             image_data.read_cifar(tarball)
         assert err.value.path == f"{tarball}!{member}"
+
+
+def test_sixteen_bit_image_is_refused_not_clipped(tmp_path):
+    """A 16-bit grayscale PNG decodes (mode I;16); converting it would clip every value above 255
+    to 255. Refused, naming the member."""
+    images = folder_images()
+    wide = (np.arange(32 * 32).reshape(32, 32) * 60).astype(np.uint16)  # up to 61,380
+    member = "r/train/frog/9999.png"
+    tarball = write_folder_tarball(tmp_path / "t.tar.gz", images, root="r",
+                                   extra={member: encode(wide, "PNG")})
+    with pytest.raises(DataValidationError, match=r"pixels are not 8-bit \(PIL mode 'I;16'\)") as err:
+        image_data.read_cifar(tarball)
+    assert (err.value.path, err.value.field) == (f"{tarball}!{member}", "mode")
 
 
 def test_wrong_image_size_in_tarball(tmp_path):

@@ -10,9 +10,12 @@ Accepted inputs, all in their publishers' formats (layout: ../shared/data/README
   are the standard ids 0-9. A tarball's format is told by its content, not its name.
 
 Every deviation (IDX magic or dims, a file shorter than its header says, a corrupt gzip or
-tarball, an image that does not decode or has the wrong size, a label outside 0..9, a class
-missing from a split, not exactly 10 classes) stops the run with a :class:`DataValidationError`
-naming the file and, inside an archive, the member (``archive!member``).
+tarball, an image that does not decode, has the wrong size or pixels that are not 8-bit, a label
+that is not an integer or lies outside 0..9, a class missing from a split, not exactly 10 classes)
+stops the run with a :class:`DataValidationError` naming the file and, inside an archive, the
+member (``archive!member``). Pixels are uint8 everywhere, so 0..255 holds by construction: IDX
+and CIFAR batches must declare unsigned bytes, and a 16-bit or float image (a 16-bit grayscale
+PNG, which PIL would clip to 255 when converting) is refused rather than converted.
 
 The snapshot is ``<root>/<data_version>/arrays.npz`` (x_train, y_train, x_test, y_test, classes)
 plus ``manifest.json``; the version is a hash of the arrays themselves, so the same images give
@@ -79,6 +82,10 @@ CIFAR_MEMBERS = (*CIFAR_TRAIN_BATCHES, CIFAR_TEST_BATCH, CIFAR_META)
 SPLITS = ("train", "test")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 IMAGE_FORMATS = ("JPEG", "PNG")  # PIL tries only these: faster, and nothing exotic slips through
+# PIL modes whose channels are 8-bit (0..255). Others ("I;16", "I", "F": 16-bit PNGs) would be
+# clipped, not scaled, by ``convert``: an image of saturated pixels that still parses.
+EIGHT_BIT_MODES = frozenset({"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK",
+                             "YCbCr"})
 
 SNAPSHOT_FILE = "arrays.npz"
 MANIFEST_FILE = snapshots.MANIFEST_FILE
@@ -245,16 +252,39 @@ def _batch_arrays(batch: dict[str, object], name: str) -> tuple[np.ndarray, np.n
         desc = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
         raise DataValidationError(name, f"data is {desc}, expected uint8 (N, {channels * height * width})",
                                   field="data")
-    try:
-        labels = np.asarray(batch["labels"], dtype=np.int64)
-    except (TypeError, ValueError) as exc:
-        raise DataValidationError(name, f"labels are not integers: {exc}", field="labels") from None
+    labels = _label_array(batch["labels"], name)
     if labels.shape != (len(data),):
         raise DataValidationError(name, f"{labels.size} labels for {len(data)} images", field="labels")
     check_labels(labels, name, field="labels")
     # Rows are the red plane, then green, then blue (CHW); the contract is HWC.
     images = np.ascontiguousarray(data.reshape(-1, channels, height, width).transpose(0, 2, 3, 1))
     return images, labels
+
+
+def _label_array(values: object, name: str) -> np.ndarray:
+    """A batch's labels as int64: a list of Python ints (the official format) or an integer array.
+
+    ``np.asarray(..., dtype=np.int64)`` alone would truncate a float label (3.7 -> 3), turn a bool
+    into 0/1, and wrap or refuse a label too large for 64 bits; each of these is named instead.
+    """
+    if isinstance(values, np.ndarray):
+        if values.dtype.kind not in "iu":
+            raise DataValidationError(name, f"labels are a {values.dtype} array, expected integers",
+                                      field="labels")
+        check_labels(values, name, field="labels")  # before the cast: a uint64 could wrap
+        return values.astype(np.int64)
+    if not isinstance(values, list | tuple):
+        raise DataValidationError(name, f"labels are a {type(values).__name__}, expected a list of "
+                                  "integers", field="labels")
+    for i, value in enumerate(values):
+        if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer):
+            raise DataValidationError(name, f"label {value!r} at index {i} is not an integer",
+                                      field="labels")
+    outside = [i for i, value in enumerate(values) if not 0 <= value < N_CLASSES]
+    if outside:
+        raise DataValidationError(name, f"label {values[outside[0]]} at index {outside[0]} outside "
+                                  f"0..{N_CLASSES - 1} ({len(outside)} such)", field="labels")
+    return np.asarray(values, dtype=np.int64)
 
 
 def _from_python_batches(members: dict[str, tuple[str, bytes]], archive: Path) -> ImageArrays:
@@ -295,9 +325,14 @@ def decode_image(data: bytes, name: str, shape: tuple[int, int, int]) -> np.ndar
     try:
         with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as img:
             img.load()  # decode now: a truncated image fails here, not later in training
-            pixels = np.asarray(img if img.mode == mode else img.convert(mode))
+            found = img.mode
+            pixels = None if found not in EIGHT_BIT_MODES else np.asarray(
+                img if img.mode == mode else img.convert(mode))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise DataValidationError(name, f"not a readable JPEG/PNG image ({exc})") from None
+    if pixels is None:
+        raise DataValidationError(name, f"pixels are not 8-bit (PIL mode {found!r}): only 0..255 "
+                                  "images are accepted; converting would clip them", field="mode")
     if pixels.shape[:2] != (height, width):
         raise DataValidationError(name, f"image is {pixels.shape[1]}x{pixels.shape[0]}, "
                                   f"expected {width}x{height}")
@@ -440,6 +475,9 @@ def validate(arrays: ImageArrays, dataset: str, where: str | Path,
                                       f"expected uint8 {shape}", field=f"x_{split}")
         if len(x) != len(y):
             raise DataValidationError(at, f"{len(y)} {split} labels for {len(x)} images",
+                                      field=f"y_{split}")
+        if y.dtype.kind not in "iu":  # a NaN label passes both range comparisons
+            raise DataValidationError(at, f"{split} labels are {y.dtype}, expected integers",
                                       field=f"y_{split}")
         check_labels(y, at, field=f"y_{split}")
         counts = np.bincount(y, minlength=N_CLASSES)
