@@ -16,6 +16,7 @@ import sys
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -53,6 +54,170 @@ class PromotionGate:
 
 
 @dataclass(frozen=True)
+class ParamSpec:
+    """One run parameter of a workflow, declared once.
+
+    From this one declaration come: the DAG's typed ``airflow.sdk.Param`` (the trigger form in the
+    UI shows every knob with its default and meaning, and the API and CLI reject a value outside
+    the schema when the run is triggered), the parser that checks a run's parameters before
+    ``prepare`` does any work (``scripts.params``: the same types and bounds, plus what a schema
+    cannot say - unknown keys, cross-field rules), and the docs table (``python
+    dags/common/config.py params-table``).
+
+    ``type`` is a JSON-schema type: integer | number | string | boolean. A parameter whose default
+    is None is nullable: None means "not set" (the profile's epochs, the logical date's day).
+    """
+
+    name: str
+    type: str
+    default: object
+    description: str
+    enum: tuple[object, ...] | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+    exclusive_minimum: float | None = None
+    format: str | None = None  # JSON-schema format, e.g. "date" (YYYY-MM-DD)
+
+    def __post_init__(self) -> None:
+        if self.type not in JSON_TYPES:
+            raise ValueError(f"param {self.name}: type must be one of {sorted(JSON_TYPES)}, not {self.type!r}")
+
+    @property
+    def nullable(self) -> bool:
+        return self.default is None
+
+    def schema(self) -> dict[str, object]:
+        """The JSON schema Airflow validates this parameter's value against."""
+        schema: dict[str, object] = {"type": [self.type, "null"] if self.nullable else self.type}
+        if self.enum is not None:
+            schema["enum"] = [*self.enum, None] if self.nullable else list(self.enum)
+        for key, value in (("minimum", self.minimum), ("maximum", self.maximum),
+                           ("exclusiveMinimum", self.exclusive_minimum), ("format", self.format)):
+            if value is not None:
+                schema[key] = value
+        return schema
+
+    def to_param(self) -> Any:
+        """This parameter as an ``airflow.sdk.Param`` (imported here: config.py is stdlib-only)."""
+        from airflow.sdk import Param
+
+        return Param(self.default, description=self.description, **self.schema())
+
+    def accepts(self) -> str:
+        """What the value may be, in words (the docs table and the parser's messages)."""
+        words = {"integer": "integer", "number": "number", "string": "string", "boolean": "true/false"}
+        text = ("one of " + ", ".join(str(v) for v in self.enum) if self.enum is not None
+                else words[self.type])
+        if self.format:
+            text += f" ({'YYYY-MM-DD' if self.format == 'date' else self.format})"
+        bounds = []
+        if self.exclusive_minimum is not None:
+            bounds.append(f"> {_num(self.exclusive_minimum)}")
+        if self.minimum is not None:
+            bounds.append(f">= {_num(self.minimum)}")
+        if self.maximum is not None:
+            bounds.append(f"<= {_num(self.maximum)}")
+        if bounds:
+            text += " " + ", ".join(bounds)
+        if self.nullable:
+            text += ", or null"
+        return text
+
+
+JSON_TYPES = frozenset({"integer", "number", "string", "boolean"})
+
+
+def _num(value: float) -> str:
+    return f"{value:g}"
+
+
+def _int(name: str, default: int | None, description: str, *, minimum: int | None = None,
+         maximum: int | None = None) -> ParamSpec:
+    return ParamSpec(name, "integer", default, description, minimum=minimum, maximum=maximum)
+
+
+def _number(name: str, default: float | None, description: str, *, minimum: float | None = None,
+            maximum: float | None = None, above: float | None = None) -> ParamSpec:
+    return ParamSpec(name, "number", default, description, minimum=minimum, maximum=maximum,
+                     exclusive_minimum=above)
+
+
+# ---------------------------------------------------------------------------------------------
+# Run parameters. Power and tick: one spec per field of the trainer's ModelParams (which a person
+# may tune per run); its default must equal the dataclass's - the trainer's dataclass stays the
+# truth that the CLI, benchmarks and tests construct without Airflow, and config.py cannot import
+# it (numpy). tests/dags/test_dag_integrity.py fails, naming the field, when the two drift.
+# ---------------------------------------------------------------------------------------------
+
+# Bounds are those of the library underneath (LightGBM, XGBoost) or of the data: a value outside
+# them either fails deep inside training (and used to be retried) or trains a useless model.
+POWER_PARAMS: tuple[ParamSpec, ...] = (
+    _int("eval_weeks", 8, "Final weeks held out: model, baselines and champion are scored "
+         "walk-forward on them", minimum=1, maximum=104),
+    _int("validation_weeks", 8, "Weeks before the evaluation window used for early stopping",
+         minimum=1, maximum=104),
+    _int("num_boost_round", 2000, "Most boosting rounds (early stopping usually ends sooner)",
+         minimum=1, maximum=100000),
+    _number("learning_rate", 0.03, "LightGBM shrinkage per round", above=0, maximum=1),
+    _int("num_leaves", 63, "Leaves per tree", minimum=2, maximum=131072),
+    _int("min_data_in_leaf", 40, "Fewest hourly rows in a leaf", minimum=1),
+    _number("feature_fraction", 0.5, "Share of features sampled per tree", above=0, maximum=1),
+    _number("bagging_fraction", 0.8, "Share of rows sampled per iteration", above=0, maximum=1),
+    _number("lambda_l2", 10.0, "L2 regularisation of leaf values", minimum=0),
+    _int("early_stopping_rounds", 100, "Stop after this many rounds without a better "
+         "validation MAE", minimum=1),
+    _int("seed", 7, "Random seed (ensemble member i uses seed + i)", minimum=0),
+    _int("ensemble_size", 3, "Boosters refit with different seeds and averaged into one",
+         minimum=1, maximum=20),
+    _int("num_threads", 2, "Most LightGBM threads, within the task's thread budget "
+         "(scripts/threads.py); 0: the whole budget", minimum=0, maximum=256),
+)
+
+TICK_PARAMS: tuple[ParamSpec, ...] = (
+    ParamSpec("trade_date", "string", None, "Trading day to process (YYYY-MM-DD); null: the "
+              "run's logical date (its UTC calendar day)", format="date"),
+    _number("max_bad_share", 0.02, "Largest share of a symbol's rows the importer may have "
+            "quarantined before validate fails the day", minimum=0, maximum=1),
+    _int("train_days", 20, "Rolling window of past trading days to train on", minimum=1, maximum=2520),
+    _int("max_depth", 1, "XGBoost tree depth (1: an additive correction of HAR)", minimum=1, maximum=16),
+    _number("learning_rate", 0.02, "XGBoost shrinkage (eta) per round", above=0, maximum=1),
+    _int("num_boost_round", 2000, "Most boosting rounds (early stopping usually ends sooner)",
+         minimum=1, maximum=100000),
+    _int("early_stopping_rounds", 200, "Stop after this many rounds without a better "
+         "validation RMSE", minimum=1),
+    _number("min_child_weight", 50.0, "Least hessian weight in a leaf", minimum=0),
+    _number("subsample", 0.8, "Share of rows sampled per tree", above=0, maximum=1),
+    _number("colsample_bytree", 0.8, "Share of features sampled per tree", above=0, maximum=1),
+    _number("reg_lambda", 5.0, "L2 regularisation of leaf weights", minimum=0),
+    _int("seed", 7, "Random seed", minimum=0),
+    _int("nthread", 2, "Most XGBoost threads, within the task's thread budget "
+         "(scripts/threads.py); 0: the whole budget", minimum=0, maximum=256),
+)
+
+# The image workflows: scripts.image_common.TrainConfig's fields (the data set aside, fixed by
+# the DAG). PROFILES and FRAMEWORKS must match image_common's (the integrity test checks).
+IMAGE_PROFILES = ("smoke", "fast", "quality")
+IMAGE_FRAMEWORKS = ("pytorch", "tensorflow")
+IMAGE_DEVICES = ("auto", "cpu", "cuda")
+
+
+def _image_params() -> tuple[ParamSpec, ...]:
+    return (
+        ParamSpec("profile", "string", "fast", "How much work: smoke (2,000 images, 2 epochs, CPU, "
+                  "never promoted), fast or quality (the real recipes)", enum=IMAGE_PROFILES),
+        ParamSpec("framework", "string", "pytorch", "Trainer: PyTorch or Keras 3 (TensorFlow)",
+                  enum=IMAGE_FRAMEWORKS),
+        _int("epochs", None, "Epochs; null: the profile's", minimum=1, maximum=1000),
+        _int("batch_size", None, "Images per batch; null: the profile's", minimum=1, maximum=65536),
+        _number("learning_rate", None, "Peak of the one-cycle schedule; null: the recipe's",
+                above=0, maximum=10),
+        _int("seed", 0, "Random seed (initialisation, shuffling, the smoke subset)", minimum=0),
+        ParamSpec("device", "string", "auto", "Where training runs: auto (CUDA when there is one), "
+                  "cpu or cuda (fails without a GPU)", enum=IMAGE_DEVICES),
+    )
+
+
+@dataclass(frozen=True)
 class Pool:
     name: str
     slots: int
@@ -83,8 +248,9 @@ class WorkflowConfig:
     timezone: str = "UTC"
     start_date: str = "2026-01-01"
     tags: tuple[str, ...] = ()
-    # Workflow-specific defaults that become DAG params (overridable per run from the UI or CLI).
-    params: dict[str, object] = field(default_factory=dict)
+    # Every run parameter a person may set (trigger form, REST API, CLI conf): typed, bounded,
+    # described. Become the DAG's Params; a run's conf with any other key fails before prepare.
+    run_params: tuple[ParamSpec, ...] = ()
     # What `make demo` reports: the headline metric beside its baseline, and the conf it triggers.
     headline_metric: str = ""
     baseline_metric: str = ""
@@ -92,6 +258,17 @@ class WorkflowConfig:
     # For workflows that wait for their input (the tick lake): how often to look, and for how long.
     poke_interval: timedelta = timedelta(minutes=5)
     data_wait: timedelta = timedelta(hours=6)
+
+    @property
+    def params(self) -> dict[str, object]:
+        """Each run parameter's default, by name."""
+        return {spec.name: spec.default for spec in self.run_params}
+
+    def param_spec(self, name: str) -> ParamSpec:
+        for spec in self.run_params:
+            if spec.name == name:
+                return spec
+        raise KeyError(f"{self.dag_id} has no run parameter {name!r}; known: {sorted(self.params)}")
 
     def default_args(self) -> dict[str, object]:
         """Task defaults for the DAG: where tasks run and how they retry."""
@@ -122,7 +299,9 @@ class WorkflowConfig:
             "max_active_runs": self.max_active_runs,
             "default_args": {**self.default_args(), **alerts.task_callbacks()},
             "on_success_callback": alerts.on_success,
-            "params": dict(self.params),
+            # Typed Params: the trigger form shows each with its default and description, and
+            # Airflow validates a run's conf against their schema when the run is created.
+            "params": {spec.name: spec.to_param() for spec in self.run_params},
             "tags": list(self.tags),
         }
 
@@ -158,7 +337,7 @@ def _image_workflow(dataset: str, name: str, min_accuracy: float, weekday: int) 
             threshold=min_accuracy,  # on the full test set; smoke runs never promote
             require_approval=False,
         ),
-        params={"profile": "fast", "framework": "pytorch"},
+        run_params=_image_params(),
         headline_metric="test_accuracy",
         baseline_metric="baseline_accuracy",
         demo_conf={"profile": "smoke"},
@@ -201,8 +380,7 @@ WORKFLOWS: dict[str, WorkflowConfig] = {
             ),
             headline_metric="mae",
             baseline_metric="baseline_mae",
-            # No declared params: a run's conf may override any field of
-            # scripts.power_model.ModelParams (the trainer owns its defaults; unknown keys fail).
+            run_params=POWER_PARAMS,
         ),
         WorkflowConfig(
             dag_id="tick_model_training",
@@ -227,8 +405,7 @@ WORKFLOWS: dict[str, WorkflowConfig] = {
                 threshold=0.0,  # no worse than the HAR-RV baseline (which itself beats persistence)
                 require_approval=False,
             ),
-            # Run params; a run's conf may also override any field of scripts.tick_model.ModelParams.
-            params={"trade_date": None, "max_bad_share": 0.02},
+            run_params=TICK_PARAMS,
             headline_metric="rmse_log_rv",
             baseline_metric="har_rmse_log_rv",
             poke_interval=timedelta(minutes=5),
@@ -289,7 +466,21 @@ def locks_dir() -> Path:
     return Path(os.environ.get("VTM_LOCK_DIR", home_dir() / "locks")).resolve()
 
 
+def params_table() -> str:
+    """Markdown: every workflow's run parameters (docs/operations.md, "What each parameter accepts")."""
+    lines = []
+    for cfg in WORKFLOWS.values():
+        lines += [f"**`{cfg.dag_id}`**", "", "| parameter | accepts | default | meaning |", "|---|---|---|---|"]
+        lines += [f"| `{s.name}` | {s.accepts()} | `{json.dumps(s.default)}` | {s.description} |"
+                  for s in cfg.run_params]
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> int:
+    if argv[1:2] == ["params-table"]:
+        print(params_table())
+        return 0
     if argv[1:2] == ["pools"]:
         json.dump(pools_file_content(), sys.stdout, indent=2)
         print()
@@ -297,7 +488,7 @@ def main(argv: list[str]) -> int:
     if argv[1:2] == ["dag-ids"]:
         print(" ".join(WORKFLOWS))
         return 0
-    print("usage: config.py pools|dag-ids", file=sys.stderr)
+    print("usage: config.py pools|dag-ids|params-table", file=sys.stderr)
     return 2
 
 

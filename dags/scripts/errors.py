@@ -35,21 +35,11 @@ class TrainingError(PipelineError):
 
 
 class ParameterError(PipelineError, ValueError):
-    """A run parameter is unknown or has the wrong type."""
+    """A run parameter is unknown, has the wrong type or is out of bounds; ``field`` names it.
 
+    Raised by ``scripts.params`` (the one parser of run parameters) before a run does any work.
+    """
 
-def with_overrides(defaults, overrides, owner: str, also_known: frozenset[str] = frozenset()):
-    """``defaults`` (a dataclass) with the run's ``overrides`` applied, each cast to the default's
-    type. An unknown key (outside the dataclass and ``also_known``) or a bad value is a
-    :class:`ParameterError` naming ``owner``, never silently ignored."""
-    import dataclasses
-
-    known = {f.name for f in dataclasses.fields(defaults)}
-    overrides = {k: v for k, v in dict(overrides or {}).items() if k not in also_known}
-    if unknown := set(overrides) - known:
-        raise ParameterError(f"unknown {owner} params {sorted(unknown)}; known: {sorted(known | also_known)}")
-    try:
-        typed = {k: type(getattr(defaults, k))(v) for k, v in overrides.items()}
-    except (TypeError, ValueError) as exc:
-        raise ParameterError(f"{owner} params {overrides}: {exc}") from None
-    return dataclasses.replace(defaults, **typed)
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        self.field = field
+        super().__init__(message)

@@ -13,6 +13,7 @@ import numpy as np
 
 FRAMEWORKS = ("pytorch", "tensorflow")
 PROFILES = ("smoke", "fast", "quality")
+DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass(frozen=True)
@@ -47,8 +48,12 @@ PROFILE_TABLE: dict[str, dict[str, Profile]] = {
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """A run's settings. From run parameters, build it with ``image_pipeline.train_config``
+    (``scripts.params``: typed, bounded, unknown keys rejected, each error naming the field); the
+    defaults are the DAGs' (``common.config``; the integrity test checks they agree)."""
+
     dataset: str  # "mnist" | "cifar10"
-    profile: str = "smoke"
+    profile: str = "fast"
     framework: str = "pytorch"
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
@@ -63,13 +68,27 @@ class TrainConfig:
             raise ValueError(f"profile must be one of {PROFILES}, not {self.profile!r}")
         if self.framework not in FRAMEWORKS:
             raise ValueError(f"framework must be one of {FRAMEWORKS}, not {self.framework!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, not {self.device!r}")
+        # The same bounds as the run parameters' (common.config), for a TrainConfig built by hand:
+        # 0 epochs must not mean "the profile's" (None does), and a step size must be positive.
+        for name in ("epochs", "batch_size"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be an integer >= 1 or None, not {value!r}")
+        if self.learning_rate is not None and not self.learning_rate > 0:  # also catches NaN
+            raise ValueError(f"learning_rate must be > 0 or None, not {self.learning_rate!r}")
 
     @property
     def recipe(self) -> Profile:
         base = PROFILE_TABLE[self.dataset][self.profile]
-        return Profile(epochs=self.epochs or base.epochs, batch_size=self.batch_size or base.batch_size,
+
+        def given(value, default):  # None: not set; never a falsy value standing for "default"
+            return default if value is None else value
+
+        return Profile(epochs=given(self.epochs, base.epochs), batch_size=given(self.batch_size, base.batch_size),
                        train_subset=base.train_subset, test_subset=base.test_subset, tta=base.tta,
-                       learning_rate=self.learning_rate or base.learning_rate)
+                       learning_rate=given(self.learning_rate, base.learning_rate))
 
     def to_params(self) -> dict[str, object]:
         return {**asdict(self), **{f"recipe_{k}": v for k, v in asdict(self.recipe).items()}}

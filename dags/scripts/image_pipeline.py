@@ -16,7 +16,6 @@ checkpoint, in the same MLflow run.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import re
@@ -33,28 +32,22 @@ import numpy as np
 from common import config, mlflow_utils, registry
 from common.mlflow_utils import AirflowIdentity
 from scripts import image_data, image_plots
-from scripts.errors import ParameterError
+from scripts import params as run_params
 from scripts.image_common import EpochResult, TrainConfig, TrainResult, subset
 
 log = logging.getLogger(__name__)
 
 DAG_IDS = {"mnist": "mnist_cnn_training", "cifar10": "cifar10_cnn_training"}
-TUNABLE = ("profile", "framework", "seed", "device", "epochs", "batch_size", "learning_rate")
+# The run parameters (declared once, in common.config); the two image DAGs share them.
+TUNABLE = tuple(spec.name for spec in config.get(DAG_IDS["mnist"]).run_params)
 
 
 def train_config(dataset: str, params: Mapping[str, Any] | None) -> TrainConfig:
-    """DAG params / trigger conf -> TrainConfig; unknown keys and bad values fail fast."""
-    params = {k: v for k, v in dict(params or {}).items() if v is not None}
-    unknown = set(params) - set(TUNABLE)
-    if unknown:
-        raise ParameterError(f"unknown {DAG_IDS[dataset]} params {sorted(unknown)}; known: {list(TUNABLE)}")
-    types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
-    try:
-        typed = {k: (int(v) if "int" in str(types[k]) else float(v) if "float" in str(types[k]) else str(v))
-                 for k, v in params.items()}
-        return TrainConfig(dataset=dataset, **typed)
-    except (TypeError, ValueError) as exc:
-        raise ParameterError(f"{DAG_IDS[dataset]} params {params}: {exc}") from None
+    """DAG params / trigger conf / CLI flags -> TrainConfig, typed and bounded by the specs in
+    ``common.config`` (scripts.params): unknown keys and bad values (``epochs`` 0, a bool, a
+    negative learning rate, an unknown profile) are a ParameterError naming the field."""
+    dag_id = DAG_IDS[dataset]
+    return run_params.build(TrainConfig, config.get(dag_id).run_params, params, dag_id, dataset=dataset)
 
 
 def checkpoint_dir(dag_id: str, run_id: str, framework: str) -> Path:
@@ -222,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     params = {"profile": args.profile, "framework": args.framework, "device": args.device,
               "seed": args.seed, "epochs": args.epochs, "batch_size": args.batch_size,
               "learning_rate": args.learning_rate}
+    params = {k: v for k, v in params.items() if v is not None}  # a flag not given: the default
     train_config(args.dataset, params)  # fail fast on bad flags, before any work
     run_id = args.run_id or f"cli__{datetime.now(UTC):%Y%m%dT%H%M%S}"
     who = AirflowIdentity(DAG_IDS[args.dataset], run_id, "train")

@@ -22,8 +22,8 @@ from typing import Any
 
 from common import config, mlflow_utils, registry
 from common.mlflow_utils import AirflowIdentity
+from scripts import params as run_params
 from scripts import power_data, power_model
-from scripts.errors import with_overrides
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +31,10 @@ DAG_ID = "power_lgbm_training"
 
 
 def model_params(overrides: Mapping[str, Any] | None) -> power_model.ModelParams:
-    """DAG params -> ModelParams; unknown keys are an error, not silently ignored."""
-    return with_overrides(power_model.ModelParams(), overrides, DAG_ID)
+    """DAG params / trigger conf / ``--param`` strings -> ModelParams, typed and bounded by the
+    specs in ``common.config`` (scripts.params); an unknown key or a bad value is a
+    ParameterError naming the field, never silently ignored."""
+    return run_params.build(power_model.ModelParams, config.get(DAG_ID).run_params, overrides, DAG_ID)
 
 
 def prepare(source: str | None = None) -> dict[str, Any]:

@@ -26,14 +26,16 @@ from typing import Any
 
 from common import config, mlflow_utils, registry
 from common.mlflow_utils import AirflowIdentity
+from scripts import params as run_params
 from scripts import tick_features, tick_lake, tick_model
-from scripts.errors import DataValidationError, ParameterError, PipelineError, with_overrides
+from scripts.errors import DataValidationError, ParameterError, PipelineError
 from scripts.tick_lake import Lake
 
 log = logging.getLogger(__name__)
 
 DAG_ID = "tick_model_training"
 RUN_PARAMS = {"trade_date", "max_bad_share"}  # DAG params that are not model parameters
+SPECS = config.get(DAG_ID).run_params
 
 
 class NotEnoughHistory(PipelineError):
@@ -47,11 +49,9 @@ def trade_day(params: Mapping[str, Any], logical_date: datetime | None,
     Scheduled runs fire after the New York close (17:30 ET = 21:30/22:30 UTC, the same UTC day);
     ``airflow dags test tick_model_training 2013-10-09`` gives midnight UTC of that day.
     """
-    if params.get("trade_date"):
-        try:
-            return date.fromisoformat(str(params["trade_date"]))
-        except ValueError:
-            raise ParameterError(f"trade_date {params['trade_date']!r} is not YYYY-MM-DD") from None
+    if params.get("trade_date") is not None:
+        checked = run_params.check(config.get(DAG_ID).param_spec("trade_date"), params["trade_date"], DAG_ID)
+        return date.fromisoformat(checked)
     when = logical_date or run_after
     if when is None:
         raise ParameterError("run has neither a logical date nor a trade_date param")
@@ -59,8 +59,9 @@ def trade_day(params: Mapping[str, Any], logical_date: datetime | None,
 
 
 def model_params(params: Mapping[str, Any] | None) -> tick_model.ModelParams:
-    """DAG params -> ModelParams (the run params themselves aside); unknown keys fail."""
-    return with_overrides(tick_model.ModelParams(), params, DAG_ID, frozenset(RUN_PARAMS))
+    """DAG params -> ModelParams, every parameter (``trade_date`` and ``max_bad_share`` too)
+    typed and bounded by the specs in ``common.config`` (scripts.params); unknown keys fail."""
+    return run_params.build(tick_model.ModelParams, SPECS, params, DAG_ID)
 
 
 def partition_ready(lake_uri: str, day: date) -> bool:
@@ -233,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     params = dict(p.split("=", 1) for p in args.param)
+    model_params(params)  # fail fast on a typo or a bad value, before any work
     who = AirflowIdentity(DAG_ID, f"cli__{datetime.now(UTC):%Y%m%dT%H%M%S}", "cli")
     limit = float(config.get(DAG_ID).params["max_bad_share"])
     validated = validate(args.lake, args.day, limit)

@@ -90,3 +90,90 @@ def test_tick_workflow_waits_for_data_and_outranks_the_others(dagbag):
     assert sensor.mode == "reschedule" and sensor.timeout == cfg.data_wait.total_seconds()
     assert sensor.poke_interval == cfg.poke_interval.total_seconds()
     assert [t.task_id for t in dag.topological_sort()][:3] == ["wait_for_trades", "validate", "build_features"]
+
+
+# The trainer settings each workflow's run parameters parse into (scripts.params.build).
+TRAINER_SETTINGS = {
+    "power_lgbm_training": ("scripts.power_model", "ModelParams"),
+    "tick_model_training": ("scripts.tick_model", "ModelParams"),
+    "mnist_cnn_training": ("scripts.image_common", "TrainConfig"),
+    "cifar10_cnn_training": ("scripts.image_common", "TrainConfig"),
+}
+PY_TYPES = {"integer": (int,), "number": (int, float), "string": (str,), "boolean": (bool,)}
+
+
+@pytest.mark.parametrize("dag_file", DAG_FILES, ids=lambda p: p.stem)
+def test_every_run_param_is_a_typed_param_built_from_config(dagbag, dag_file):
+    """The trigger form shows every knob with its type, default and meaning; the schema Airflow
+    validates a triggered conf against is config's, verbatim."""
+    from airflow.sdk import Param
+
+    dag = dagbag.dags[dag_file.stem]
+    cfg = config.get(dag.dag_id)
+    assert cfg.run_params and set(dag.params) == {spec.name for spec in cfg.run_params}
+    for spec in cfg.run_params:
+        param = dag.params.get_param(spec.name)
+        assert isinstance(param, Param), spec.name
+        assert param.schema == spec.schema() and param.schema["type"], spec.name
+        assert param.description == spec.description and len(spec.description) > 10, spec.name
+        assert param.value == spec.default, spec.name
+        assert spec.nullable == (spec.default is None)
+        if spec.default is not None:
+            assert isinstance(spec.default, PY_TYPES[spec.type]) and not (
+                spec.type != "boolean" and isinstance(spec.default, bool)), spec.name
+        if spec.type in ("integer", "number"):  # every number has at least a lower bound
+            assert spec.minimum is not None or spec.exclusive_minimum is not None, spec.name
+
+
+def test_bounds_and_enums_where_the_issue_asks():
+    image = config.get("mnist_cnn_training")
+    assert image.param_spec("profile").schema() == {"type": "string", "enum": ["smoke", "fast", "quality"]}
+    assert image.param_spec("framework").enum == ("pytorch", "tensorflow")
+    assert image.param_spec("device").enum == ("auto", "cpu", "cuda")
+    assert image.param_spec("epochs").schema() == {"type": ["integer", "null"], "minimum": 1, "maximum": 1000}
+    assert image.param_spec("batch_size").minimum == 1
+    assert image.param_spec("learning_rate").schema()["exclusiveMinimum"] == 0
+    assert image.param_spec("seed").schema() == {"type": "integer", "minimum": 0}
+    power = config.get("power_lgbm_training")
+    assert power.param_spec("num_boost_round").minimum == 1
+    assert power.param_spec("learning_rate").exclusive_minimum == 0
+    tick = config.get("tick_model_training")
+    assert tick.param_spec("trade_date").schema() == {"type": ["string", "null"], "format": "date"}
+    assert (tick.param_spec("max_bad_share").minimum, tick.param_spec("max_bad_share").maximum) == (0, 1)
+
+
+@pytest.mark.parametrize("dag_id", sorted(TRAINER_SETTINGS))
+def test_param_defaults_are_the_trainers_defaults(dag_id):
+    """The trainer's dataclass is the truth (the CLI, benchmarks and tests build it without
+    Airflow); config.py cannot import it (numpy), so this test is what keeps the two equal."""
+    import dataclasses
+    import importlib
+
+    module, name = TRAINER_SETTINGS[dag_id]
+    cls = getattr(importlib.import_module(module), name)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    specs = {spec.name: spec for spec in config.get(dag_id).run_params}
+    # Every setting a person tunes is a parameter (the data set is the DAG's, not a knob).
+    assert set(fields) - {"dataset"} <= set(specs)
+    for field_name, fld in fields.items():
+        if field_name in specs:
+            assert specs[field_name].default == fld.default, f"{dag_id}.{field_name}"
+            assert type(specs[field_name].default) is type(fld.default), f"{dag_id}.{field_name}"
+
+
+def test_image_enums_are_the_trainers():
+    from scripts import image_common
+
+    assert config.IMAGE_PROFILES == image_common.PROFILES
+    assert config.IMAGE_FRAMEWORKS == image_common.FRAMEWORKS
+    assert config.IMAGE_DEVICES == image_common.DEVICES
+    assert set(config.IMAGE_PROFILES) == set(image_common.PROFILE_TABLE["mnist"])
+
+
+def test_params_table_lists_every_parameter():
+    out = subprocess.run([sys.executable, str(ROOT / "dags/common/config.py"), "params-table"],
+                         capture_output=True, text=True, check=True).stdout
+    for cfg in config.WORKFLOWS.values():
+        assert f"**`{cfg.dag_id}`**" in out
+        for spec in cfg.run_params:
+            assert f"| `{spec.name}` |" in out
