@@ -10,8 +10,10 @@ PyTorch, or `framework="tensorflow"` for Keras 3; per-epoch metrics and checkpoi
 images -> `register` registers `cifar10_cnn`; `champion` moves only when test accuracy >= 0.90 and
 beats the champion. The `smoke` profile (small subset, CPU, seconds) never promotes.
 
-Params: `profile` (smoke | fast | quality), `framework` (pytorch | tensorflow), and optionally
-`epochs`, `batch_size`, `learning_rate`, `seed`, `device` (auto | cpu | cuda).
+Params (typed, bounded and described in the trigger form; declared in `common/config.py`):
+`profile` (smoke | fast | quality), `framework` (pytorch | tensorflow), and optionally `epochs`
+(>= 1), `batch_size` (>= 1), `learning_rate` (> 0), `seed` (>= 0), `device` (auto | cpu | cuda).
+A bad value is refused when the run is triggered; an unknown key fails `prepare` before any work.
 """
 
 from __future__ import annotations

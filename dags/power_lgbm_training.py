@@ -11,7 +11,9 @@ stopping on the weeks before the evaluation window) -> `evaluate` scores it, the
 baselines and the current champion walk-forward on the final 8 weeks -> `register` registers
 `power_lgbm`, sets `challenger`, and moves `champion` only through the gate in `common/config.py`.
 
-Trigger conf may override any `ModelParams` field, e.g. `{"num_boost_round": 300}`.
+Params: every `ModelParams` field (typed, bounded and described in the trigger form; declared in
+`common/config.py`), e.g. `{"num_boost_round": 300}`. A bad value is refused when the run is
+triggered; an unknown key fails `prepare` before any work, without retries.
 Results: MLflow experiment `power-forecast`, registered model `power_lgbm`.
 """
 
@@ -27,12 +29,16 @@ CFG = config.get("power_lgbm_training")
 @dag(**CFG.dag_kwargs(), doc_md=__doc__)
 def power_lgbm_training() -> None:
     @task
-    def prepare() -> dict:
-        """Fetch, validate, and snapshot the data; returns its URI and data version."""
+    def prepare(**context) -> dict:
+        """Check the run's parameters, then fetch, validate, and snapshot the data; returns its
+        URI and data version."""
         from common.failures import permanent_errors_fail_fast
         from scripts import power_pipeline
 
-        with permanent_errors_fail_fast():  # bad data fails the same on every try
+        with permanent_errors_fail_fast():  # bad params or data fail the same on every try
+            # What the Param schema cannot reject (an unknown key: Airflow passes it through)
+            # fails here, before any download or snapshot.
+            power_pipeline.model_params(context["params"])
             return power_pipeline.prepare()
 
     @task

@@ -12,7 +12,9 @@ byte-identically -> `train` fits HAR-RV + XGBoost on the days before it -> `eval
 model, persistence, HAR and the champion on the day -> `register` registers `tick_model` and
 moves `champion` only through the gate in `common/config.py`.
 
-The day is the run's logical date (UTC calendar day) or the `trade_date` param. Backfill:
+The day is the run's logical date (UTC calendar day) or the `trade_date` param. Params (typed,
+bounded and described in the trigger form; declared in `common/config.py`): `trade_date`,
+`max_bad_share` and every `ModelParams` field; an unknown key fails the first task. Backfill:
 `airflow backfill create --dag-id tick_model_training --from-date 2013-10-07 --to-date 2013-10-10 --max-active-runs 1`.
 Results: MLflow experiment `tick-production`, registered model `tick_model`.
 """
@@ -32,10 +34,14 @@ def tick_model_training() -> None:
                  mode="reschedule")
     def wait_for_trades(**context) -> PokeReturnValue:
         """Done when the day's trade partitions are complete; returns the day."""
+        from common.failures import permanent_errors_fail_fast
         from scripts import tick_pipeline
 
-        day = tick_pipeline.trade_day(context["params"], context.get("logical_date"),
-                                      context["dag_run"].run_after)
+        with permanent_errors_fail_fast():  # a bad parameter fails now, not after hours of waiting
+            # What the Param schema cannot reject (an unknown key: Airflow passes it through).
+            tick_pipeline.model_params(context["params"])
+            day = tick_pipeline.trade_day(context["params"], context.get("logical_date"),
+                                          context["dag_run"].run_after)
         ready = tick_pipeline.partition_ready(config.tick_lake(), day)
         return PokeReturnValue(is_done=ready, xcom_value=day.isoformat())
 

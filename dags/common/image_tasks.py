@@ -18,12 +18,16 @@ def build(dataset: str, cfg: WorkflowConfig) -> tuple[Any, Any, Any, Any]:
     """(prepare, train, evaluate, register) task callables for ``dataset``."""
 
     @task
-    def prepare() -> dict:
-        """Fetch, validate and snapshot the images; returns the snapshot URI and data version."""
+    def prepare(**context) -> dict:
+        """Check the run's parameters, then fetch, validate and snapshot the images; returns the
+        snapshot URI and data version."""
         from common.failures import permanent_errors_fail_fast
         from scripts import image_pipeline
 
         with permanent_errors_fail_fast():
+            # What the Param schema cannot reject (an unknown key: Airflow passes it through)
+            # fails here, before any download or snapshot, without retries.
+            image_pipeline.train_config(dataset, context["params"])
             return image_pipeline.prepare(dataset)
 
     @task(**cfg.train_task_args())
