@@ -9,14 +9,23 @@ Channels are Airflow connections, so credentials live in the secrets backend, ne
 
 With no channel configured an alert is one clear log line. A channel that fails to send logs the
 error and never raises: a broken alert must not hide the task's real outcome.
-Standard library only: callbacks run inside the task process and at DAG parse time nothing here
-is executed.
+
+A task that fails for good also closes its MLflow run: ``mark_mlflow_run_failed`` finds the run by
+its Airflow tags and ends it FAILED with a ``failure_reason`` tag. ``mlflow_utils.task_run`` already
+ends a run FAILED when the task raises, but a task killed (SIGKILL, OOM, lost heartbeat: Airflow
+then runs this callback in the DAG processor) or timed out mid-request leaves it RUNNING forever,
+and neither path said why the run failed.
+
+Standard library only at import: callbacks run inside the task process (or the DAG processor),
+MLflow is imported inside the callback, and at DAG parse time nothing here is executed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import smtplib
 import urllib.request
 from collections.abc import Callable, Mapping
@@ -138,8 +147,72 @@ def notify(alert: Alert, get_connection: Callable[[str], Any | None] = _airflow_
     return sent
 
 
+# MLflow's own limit on a tag value (mlflow.utils.validation.MAX_TAG_VAL_LENGTH, 8000 in 3.17).
+MAX_TAG_VALUE = 8000
+FAILURE_REASON_TAG = "failure_reason"
+
+
+@contextlib.contextmanager
+def _bounded_mlflow_requests() -> Any:
+    """A dead tracking server must not hold a failure callback for minutes (MLflow's default is 7
+    retries with backoff): one retry, 15 s, unless the environment says otherwise."""
+    saved = {name: os.environ.get(name) for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+                                                     "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def mark_mlflow_run_failed(context: Mapping[str, Any]) -> str | None:
+    """End this task's MLflow run FAILED, tagged ``failure_reason``; returns its id, or None when
+    the task opened no run (or MLflow cannot be reached). Never raises: it runs in a callback."""
+    try:
+        alert = alert_from_context("failed", context)
+        ti = context.get("ti") or context.get("task_instance")
+        if str(getattr(ti, "state", "") or "").endswith("up_for_retry"):
+            return None  # a retry continues the same run (mlflow_utils.task_run resumes it)
+        from common import config
+
+        workflow = config.WORKFLOWS.get(alert.dag_id)
+        if workflow is None or not alert.task_id:
+            return None
+        with _bounded_mlflow_requests():
+            from common import mlflow_utils
+
+            client = mlflow_utils.configure()
+            experiment = client.get_experiment_by_name(workflow.experiment)
+            if experiment is None:
+                return None
+            who = mlflow_utils.AirflowIdentity(alert.dag_id, alert.run_id, alert.task_id)
+            run_id = mlflow_utils.find_task_run(experiment.experiment_id, who)
+            if run_id is None:
+                return None
+            reason = alert.message or "task failed (killed, timed out or lost; see the task log)"
+            client.set_tag(run_id, FAILURE_REASON_TAG, reason[:MAX_TAG_VALUE])
+            # FAILED even when the run itself had ended FINISHED: its task, which the run
+            # stands for, did not succeed (e.g. the model logged, then the task was killed).
+            # A run task_run already ended FAILED keeps its end time.
+            if client.get_run(run_id).info.status != "FAILED":
+                client.set_terminated(run_id, status="FAILED")
+            log.info("MLflow run %s of %s.%s marked FAILED: %s", run_id, alert.dag_id, alert.task_id,
+                     reason[:200])
+            return run_id
+    except Exception as exc:  # noqa: BLE001 - a callback must never raise
+        log.error("could not mark the MLflow run of the failed task FAILED: %s", exc)
+        return None
+
+
 def on_failure(context: Mapping[str, Any]) -> None:
+    """The task failed for good (Airflow calls ``on_retry`` instead while retries remain)."""
     notify(alert_from_context("failed", context))
+    mark_mlflow_run_failed(context)
 
 
 def on_retry(context: Mapping[str, Any]) -> None:
