@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
+import subprocess
+import sys
 import uuid
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -13,6 +17,7 @@ from common.config import PromotionGate
 from common.mlflow_utils import AirflowIdentity
 
 pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parents[1]
 
 GATE = PromotionGate(metric="mae", greater_is_better=False, threshold_metric="skill_mae",
                      threshold=0.1, min_improvement=0.02)
@@ -145,3 +150,34 @@ def test_retried_task_continues_its_own_run(mlflow_server):
     runs = mlflow.search_runs(experiment_names=["resume-tests"], output_format="list",
                               filter_string=f"tags.`airflow.run_id` = '{who.run_id}'")
     assert len(runs) == 1
+
+
+def registry_cli(*args: str, uri: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    return subprocess.run([sys.executable, "-m", "common.registry", *args], cwd=ROOT / "dags", env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_user_errors_are_one_line_and_exit_2(model_name, mlflow_server):
+    v1, _ = register(model_name, "reg-tests", {"mae": 0.5, "skill_mae": 0.2})
+    missing = registry_cli("approve", model_name, "99", uri=mlflow_server)
+    assert missing.returncode == 2 and missing.stderr.strip().count("\n") == 0, missing.stderr
+    assert missing.stderr.startswith("error: ") and "v99 does not exist" in missing.stderr
+    registry.decide(model_name, v1, GATE, {"mae": 0.5, "skill_mae": 0.2}, None, None)  # promoted
+    not_pending = registry_cli("approve", model_name, v1, uri=mlflow_server)
+    assert not_pending.returncode == 2 and not_pending.stderr.strip().count("\n") == 0, not_pending.stderr
+    assert "'promoted', not 'pending_approval'" in not_pending.stderr
+
+
+def test_cli_pending_lists_versions_awaiting_approval_with_metrics(model_name, mlflow_server):
+    gate = PromotionGate(**{**GATE.__dict__, "require_approval": True})
+    v1, _ = register(model_name, "reg-tests", {"mae": 0.5, "skill_mae": 0.2, "rmse": 0.7})
+    registry.decide(model_name, v1, gate, {"mae": 0.5, "skill_mae": 0.2}, None, None)
+    rows = registry.pending(model_name)
+    assert [(r.version, r.metrics, r.evaluated_against) for r in rows] == [(v1, {"mae": 0.5, "skill_mae": 0.2}, "none")]
+    listed = registry_cli("pending", model_name, uri=mlflow_server)
+    assert listed.returncode == 0, listed.stderr
+    (row,) = [line for line in listed.stdout.splitlines() if line.startswith(model_name)]
+    assert f" {v1} " in row and "mae=0.5" in row and "skill_mae=0.2" in row and "waiting for approval" in row
+    assert registry_cli("approve", model_name, v1, "--by", "alice", uri=mlflow_server).returncode == 0
+    assert registry.pending(model_name) == []
