@@ -16,7 +16,6 @@ checkpoint, in the same MLflow run.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import re
 import sys
@@ -31,7 +30,7 @@ import numpy as np
 
 from common import config, mlflow_utils, registry
 from common.mlflow_utils import AirflowIdentity
-from scripts import image_data, image_plots
+from scripts import image_data, image_plots, progress, threads
 from scripts import params as run_params
 from scripts.image_common import EpochResult, TrainConfig, TrainResult, subset
 
@@ -67,11 +66,8 @@ def trainer(framework: str):
 
 
 def prepare(dataset: str, source: str | None = None) -> dict[str, Any]:
+    threads.apply()
     return image_data.prepare(dataset, Path(source) if source else None).to_dict()
-
-
-def _progress(payload: Mapping[str, Any], prefix: str = "VTM_PROGRESS") -> None:
-    print(f"{prefix}::" + json.dumps(dict(payload), default=str), flush=True)
 
 
 def _log_model(result: TrainResult, framework: str, example: np.ndarray):
@@ -104,23 +100,29 @@ def _log_model(result: TrainResult, framework: str, example: np.ndarray):
 def train(dataset: str, snapshot: Mapping[str, Any], params: Mapping[str, Any] | None,
           who: AirflowIdentity) -> dict[str, Any]:
     """Train with per-epoch metrics and checkpoints; log artifacts and the model."""
+    task_threads = threads.apply()  # before torch / TensorFlow load: they size their pools once
     import mlflow
 
+    progress.route_library_logs()  # MLflow's INFO lines are not ERROR lines
     cfg = train_config(dataset, params)
     workflow = config.get(DAG_IDS[dataset])
     arrays = image_data.load_snapshot(str(snapshot["uri"]))
     with mlflow_utils.task_run(workflow.experiment, who, str(snapshot["data_version"]),
                                {"workflow": workflow.dag_id, "framework": cfg.framework,
                                 "profile": cfg.profile}) as run:
-        _progress({"mlflow_run_id": run.info.run_id}, prefix="VTM_RUN_META")
+        progress.run_meta(mlflow_run_id=run.info.run_id)
+        mlflow.set_tag("task_threads", str(task_threads))  # a tag: a retry may get another share
         mlflow.log_params({**cfg.to_params(), "snapshot_uri": snapshot["uri"]})
+        log.info("%s train: %s %s profile, %d epochs of batch %d, %d thread(s)", workflow.dag_id,
+                 cfg.framework, cfg.profile, cfg.recipe.epochs, cfg.recipe.batch_size, task_threads)
+        epochs = progress.Progress(f"{workflow.model_name} train", "epoch", cfg.recipe.epochs, every=1)
 
         def on_epoch(epoch: EpochResult) -> None:
             mlflow.log_metrics({"val_accuracy": epoch.val_accuracy, "train_loss": epoch.train_loss,
                                 "epoch_seconds": epoch.seconds}, step=epoch.epoch)
-            _progress({"epoch": epoch.epoch, "total_epochs": epoch.total_epochs,
-                       "val_accuracy": round(epoch.val_accuracy, 5), "device": epoch.device,
-                       "train_loss": round(epoch.train_loss, 5), "seconds": round(epoch.seconds, 3)})
+            epochs.update(epoch.epoch, metrics={"train_loss": epoch.train_loss,
+                                                "val_accuracy": epoch.val_accuracy},
+                          device=epoch.device, seconds=round(epoch.seconds, 3))
 
         result = trainer(cfg.framework)(arrays, cfg, on_epoch,
                                         checkpoint_dir(who.dag_id, who.run_id, cfg.framework))
@@ -164,7 +166,7 @@ def _nearest_centroid_accuracy(x_train, y_train, x_test, y_test, classes: int) -
 
 def evaluate(dataset: str, snapshot: Mapping[str, Any], trained: Mapping[str, Any]) -> dict[str, Any]:
     """The logged model, the baseline and the current champion on the same test images."""
-
+    threads.apply()
     workflow = config.get(DAG_IDS[dataset])
     cfg = train_config(dataset, {k: trained["params"][k] for k in TUNABLE if k in trained["params"]})
     arrays = image_data.load_snapshot(str(snapshot["uri"]))
@@ -223,8 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     trained = train(args.dataset, snapshot, params, who)
     if args.steps == "all":
         evaluated = evaluate(args.dataset, snapshot, trained)
-        _progress({"step": "evaluate", **evaluated["metrics"]})
-        _progress({"step": "register", **register(args.dataset, snapshot, trained, evaluated, who)})
+        progress.step("evaluate", **evaluated["metrics"])
+        progress.step("register", **register(args.dataset, snapshot, trained, evaluated, who))
     return 0
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import time
 from collections.abc import Mapping
@@ -23,7 +22,7 @@ from typing import Any
 from common import config, mlflow_utils, registry
 from common.mlflow_utils import AirflowIdentity
 from scripts import params as run_params
-from scripts import power_data, power_model
+from scripts import power_data, power_model, progress, threads
 
 log = logging.getLogger(__name__)
 
@@ -38,27 +37,37 @@ def model_params(overrides: Mapping[str, Any] | None) -> power_model.ModelParams
 
 
 def prepare(source: str | None = None) -> dict[str, Any]:
+    threads.apply()
     return power_data.prepare(Path(source) if source else None).to_dict()
 
 
 def train(snapshot: Mapping[str, Any], params: Mapping[str, Any] | None,
           who: AirflowIdentity) -> dict[str, str]:
     """Fit on the snapshot and log params, model (signature + input example) to a tagged run."""
+    task_threads = threads.apply()  # before the numeric libraries load: they size pools once
     import lightgbm
     import mlflow
     import numpy
     import pandas
     from mlflow.models import infer_signature
 
+    progress.route_library_logs()  # MLflow's INFO lines are not ERROR lines
     cfg = config.get(DAG_ID)
     mp = model_params(params)
     table = power_model.build_features(power_data.load_snapshot(str(snapshot["uri"])))
     with mlflow_utils.task_run(cfg.experiment, who, str(snapshot["data_version"]),
                                {"workflow": DAG_ID, "model_name": cfg.model_name}) as run:
+        progress.run_meta(mlflow_run_id=run.info.run_id)
+        mlflow.set_tag("task_threads", str(task_threads))  # a tag: a retry may get another share
         mlflow.log_params({**dataclasses.asdict(mp), "snapshot_uri": snapshot["uri"],
                            "data_start": snapshot["start"], "data_end": snapshot["end"],
                            "n_features": len(table.columns)})
+        log.info("%s train: %d rows x %d features, up to %d boosting rounds, LightGBM on %d thread(s)",
+                 DAG_ID, len(table.features), len(table.columns), mp.num_boost_round,
+                 threads.capped(mp.num_threads))
         result = power_model.fit(table, mp)
+        progress.emit({"step": "train", "best_iteration": result.best_iteration,
+                       "train_seconds": round(result.train_seconds, 2)})
         mlflow.log_params({"train_end": str(result.window_start - pandas.Timedelta(hours=1)),
                            "eval_start": str(result.window_start)})
         mlflow.log_metrics({"train_seconds": result.train_seconds,
@@ -96,6 +105,7 @@ def _champion_score(model_name: str, table: power_model.FeatureTable, window_sta
 
 def evaluate(snapshot: Mapping[str, Any], trained: Mapping[str, str]) -> dict[str, Any]:
     """Score model, baselines and champion on the same window; log metrics and plots."""
+    threads.apply()
     import mlflow
     import pandas
 
@@ -127,10 +137,6 @@ def register(snapshot: Mapping[str, Any], trained: Mapping[str, str],
     return registry.register_and_decide(config.get(DAG_ID), trained, evaluated, tags).to_dict()
 
 
-def _progress(step: str, **fields: Any) -> None:
-    print("VTM_PROGRESS::" + json.dumps({"step": step, **fields}, default=str), flush=True)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run the power workflow outside Airflow")
     parser.add_argument("--source", help="UCI zip or txt (default: DATA_MIRROR or download)")
@@ -142,13 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     model_params(params)  # fail fast on a typo, before any work
     who = AirflowIdentity(DAG_ID, f"cli__{datetime.now(UTC):%Y%m%dT%H%M%S}", "train")
     snapshot = prepare(args.source)
-    _progress("prepare", data_version=snapshot["data_version"])
-    trained = train(snapshot, params, who)
-    print("VTM_RUN_META::" + json.dumps({"mlflow_run_id": trained["run_id"]}), flush=True)
+    progress.step("prepare", data_version=snapshot["data_version"])
+    trained = train(snapshot, params, who)  # VTM_RUN_META once its MLflow run is open
     evaluated = evaluate(snapshot, trained)
-    _progress("evaluate", **{k: round(v, 4) for k, v in evaluated["metrics"].items()})
+    progress.step("evaluate", **{k: round(v, 4) for k, v in evaluated["metrics"].items()})
     decision = register(snapshot, trained, evaluated, who)
-    _progress("register", **decision)
+    progress.step("register", **decision)
     return 0
 
 

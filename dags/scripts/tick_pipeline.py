@@ -27,7 +27,7 @@ from typing import Any
 from common import config, mlflow_utils, registry
 from common.mlflow_utils import AirflowIdentity
 from scripts import params as run_params
-from scripts import tick_features, tick_lake, tick_model
+from scripts import progress, threads, tick_features, tick_lake, tick_model
 from scripts.errors import DataValidationError, ParameterError, PipelineError
 from scripts.tick_lake import Lake
 
@@ -70,6 +70,7 @@ def partition_ready(lake_uri: str, day: date) -> bool:
 
 def validate(lake_uri: str, day: date, max_bad_share: float) -> dict[str, Any]:
     """Check every symbol partition of ``day``; raise on one that may not be used."""
+    threads.apply()
     import pyarrow.parquet as pq
 
     from scripts.tick_import import SCHEMA_VERSION
@@ -113,6 +114,7 @@ def validate(lake_uri: str, day: date, max_bad_share: float) -> dict[str, Any]:
 
 
 def build_features(lake_uri: str, day: date) -> dict[str, Any]:
+    threads.apply()  # before Polars loads: it sizes its pool (POLARS_MAX_THREADS) once, at import
     result = tick_features.build_day(lake_uri, day)
     return {**dataclasses.asdict(result), "trades_per_second": result.trades_per_second}
 
@@ -128,6 +130,7 @@ def _feature_sha(lake: Lake, day: date) -> str:
 
 def train(lake_uri: str, day: date, params: Mapping[str, Any] | None, who: AirflowIdentity) -> dict[str, Any]:
     """Fit on the rolling window of days before ``day``; log params, model and lineage."""
+    task_threads = threads.apply()  # before Polars, XGBoost and numpy load
     import mlflow
     import numpy
     import pandas
@@ -136,6 +139,7 @@ def train(lake_uri: str, day: date, params: Mapping[str, Any] | None, who: Airfl
 
     from scripts.tick_pyfunc import TickVolatilityModel
 
+    progress.route_library_logs()  # MLflow's INFO lines are not ERROR lines
     cfg = config.get(DAG_ID)
     mp = model_params(params)
     lake = Lake.open(lake_uri)
@@ -154,10 +158,17 @@ def train(lake_uri: str, day: date, params: Mapping[str, Any] | None, who: Airfl
     with mlflow_utils.task_run(cfg.experiment, who, version,
                                {"workflow": DAG_ID, "model_name": cfg.model_name,
                                 "data.synthetic": str(synthetic).lower(), "trade_date": day.isoformat()}) as run:
+        progress.run_meta(mlflow_run_id=run.info.run_id)
+        mlflow.set_tag("task_threads", str(task_threads))  # a tag: a retry may get another share
         mlflow.log_params({**tick_model.params_dict(mp), "lake": lake_uri, "trade_date": day.isoformat(),
                            "train_first_day": days[0].isoformat(), "train_last_day": days[-1].isoformat(),
                            "n_train_days": len(days), "features": ",".join(tick_features.FEATURES)})
+        log.info("%s train: %d rows of %d day(s) (%s..%s), up to %d boosting rounds, XGBoost on %d "
+                 "thread(s)", DAG_ID, frame.height, len(days), days[0], days[-1], mp.num_boost_round,
+                 threads.capped(mp.nthread))
         result = tick_model.fit(frame, mp)
+        progress.emit({"step": "train", "best_iteration": result.best_iteration,
+                       "train_seconds": round(result.train_seconds, 2)})
         mlflow.log_metrics({"train_seconds": result.train_seconds, "best_iteration": result.best_iteration,
                             "train_rows": result.train_rows, "valid_rows": result.valid_rows})
         example = tick_model.labelled(frame).select(list(tick_features.FEATURES)).head(200).to_pandas()
@@ -196,6 +207,7 @@ def _champion_score(model_name: str, frame) -> tuple[str | None, dict[str, float
 
 def evaluate(lake_uri: str, day: date, built: Mapping[str, Any], trained: Mapping[str, Any]) -> dict[str, Any]:
     """Walk-forward scores of model, persistence, HAR and champion on the day; plots to MLflow."""
+    threads.apply()
     cfg = config.get(DAG_ID)
     started = time.perf_counter()
     frame = tick_features.load_features(Lake.open(lake_uri), [day])
