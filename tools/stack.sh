@@ -1,23 +1,46 @@
 #!/usr/bin/env bash
-# The embedded stack: a local MLflow tracking server and Airflow 3 in standalone shape
-# (api-server, scheduler, dag-processor, triggerer; LocalExecutor, SQLite), all state under $VTM_HOME (default .local/), listening on 127.0.0.1 only.
+# The embedded stack: a local MLflow tracking server (basic auth) and Airflow 3 in standalone shape
+# (api-server, scheduler, dag-processor, triggerer; LocalExecutor, SQLite), all state under
+# $VTM_HOME (default .local/), private to its owner, listening on 127.0.0.1 only.
 #
-#   tools/stack.sh up      start MLflow and Airflow (idempotent), import pools, wait until healthy
-#   tools/stack.sh down    stop both (by process group) - state stays in $VTM_HOME
-#   tools/stack.sh env     print the environment the stack uses (eval "$(tools/stack.sh env)")
-#   tools/stack.sh status  what is running
+#   tools/stack.sh up      start every part that is not running (so it also repairs a stack after a
+#                          crash), stop task processes left behind by a dead part, wait until MLflow
+#                          and every Airflow component report healthy (non-zero exit naming the
+#                          component that does not)
+#   tools/stack.sh down    stop every part and everything it started - state stays in $VTM_HOME
+#   tools/stack.sh env     the environment for a shell: eval "$(tools/stack.sh env)"; it prints
+#                          where the secrets are ($(cat FILE)), never a secret itself
+#   tools/stack.sh status  each part (running / stopped) and, when the API answers, each Airflow
+#                          component's health; exit 0 only when all parts run
+#
+# Each part runs in its own session (setsid): its pid is also the session id of everything it
+# starts, including the task processes, which put themselves in their own process group
+# (Airflow's supervisor calls setpgid) but keep the session. The pid file holds "PID STARTTIME":
+# a part counts as running only if that pid is alive, started at that time (a recycled pid does
+# not match) and its command line is the part's program. Process titles are not a safe marker
+# beyond that: Airflow's setproctitle overwrites /proc/PID/cmdline and /proc/PID/environ.
 set -euo pipefail
+# Everything the stack and the processes it starts create is private to its owner (0700 folders,
+# 0600 files): databases, logs, secrets, artifacts, data. Airflow chmods task logs itself, hence
+# the [logging] file_task_handler_new_* settings below.
+umask 077
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=${VENV:-$ROOT/.venv}
-export VTM_HOME=${VTM_HOME:-$ROOT/.local}
+VTM_HOME=$(realpath -m "${VTM_HOME:-$ROOT/.local}")
+export VTM_HOME
 MLFLOW_PORT=${MLFLOW_PORT:-5000}
 AIRFLOW_PORT=${AIRFLOW_PORT:-8080}
 RUN_DIR=$VTM_HOME/run
 LOG_DIR=$VTM_HOME/logs
+SECRETS=$VTM_HOME/secrets
+AIRFLOW_PASSWORDS=$VTM_HOME/airflow/simple_auth_manager_passwords.json.generated
+MLFLOW_ADMIN=admin
+PARTS=(mlflow api-server scheduler dag-processor triggerer)
+AIRFLOW_PARTS=(api-server scheduler dag-processor triggerer)
+HEALTH_TIMEOUT=${STACK_HEALTH_TIMEOUT:-240}  # seconds for every part to report healthy
 
-stack_env() {
-  # The venv's bin must be on PATH: `airflow standalone` starts its parts as `airflow ...`.
+stack_env() {  # what every part and a person's shell share; no secret values in here
   export PATH="$VENV/bin:$PATH"
   export AIRFLOW_HOME=$VTM_HOME/airflow
   export AIRFLOW__CORE__DAGS_FOLDER=$ROOT/dags
@@ -37,7 +60,11 @@ stack_env() {
   export AIRFLOW__CORE__EXECUTION_API_SERVER_URL=http://127.0.0.1:$AIRFLOW_PORT/execution/
   export AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL=${AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL:-30}
   export AIRFLOW__SCHEDULER__MIN_FILE_PROCESS_INTERVAL=30
-  export AIRFLOW__API_AUTH__JWT_SECRET=$(secret jwt_secret)
+  # Airflow chmods each task log folder and file to these (defaults 0o775 / 0o664), whatever the
+  # umask: owner only, like everything else under $VTM_HOME.
+  export AIRFLOW__LOGGING__FILE_TASK_HANDLER_NEW_FOLDER_PERMISSIONS=0o700
+  export AIRFLOW__LOGGING__FILE_TASK_HANDLER_NEW_FILE_PERMISSIONS=0o600
+  export AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE=$AIRFLOW_PASSWORDS
   export MLFLOW_TRACKING_URI=http://127.0.0.1:$MLFLOW_PORT
   export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false
   export NO_COLOR=1
@@ -45,84 +72,356 @@ stack_env() {
   if [[ -n ${DATA_MIRROR:-} ]]; then export DATA_MIRROR=$(realpath "$DATA_MIRROR"); fi
 }
 
-secret() {
-  # Generated once per $VTM_HOME, never committed, never a default like admin/admin.
-  local file=$VTM_HOME/secrets/$1
+secret() {  # name: the secret's file, generated once per $VTM_HOME (never a default like admin/admin)
+  local file=$SECRETS/$1
   if [[ ! -s $file ]]; then
-    mkdir -p "$(dirname "$file")" && chmod 700 "$(dirname "$file")"
-    (umask 077 && python3 -c 'import secrets; print(secrets.token_urlsafe(32))' >"$file")
+    mkdir -p "$SECRETS"
+    python3 -c 'import secrets; print(secrets.token_urlsafe(32))' >"$file.tmp" && mv "$file.tmp" "$file"
   fi
-  cat "$file"
+  echo "$file"
 }
 
-running() { [[ -f $RUN_DIR/$1.pid ]] && kill -0 "$(cat "$RUN_DIR/$1.pid")" 2>/dev/null; }
-
-start() {  # name, command...: in its own session so `down` can stop the whole process group
-  local name=$1; shift
-  if running "$name"; then echo "$name already running"; return; fi
-  mkdir -p "$RUN_DIR" "$LOG_DIR"
-  setsid "$@" >"$LOG_DIR/$name.log" 2>&1 < /dev/null &
-  echo $! >"$RUN_DIR/$name.pid"
+ensure_secrets() {
+  mkdir -p "$SECRETS" "$VTM_HOME/airflow"
+  secret jwt_secret >/dev/null
+  secret mlflow_admin_password >/dev/null
+  secret mlflow_flask_secret_key >/dev/null
+  # Airflow's simple auth manager generates a password for a user missing from this file and
+  # prints it into the api-server log. Writing the file first (0600) keeps it out of every log.
+  if [[ ! -s $AIRFLOW_PASSWORDS ]]; then
+    python3 -c 'import json, secrets; print(json.dumps({"admin": secrets.token_urlsafe(16)}))' \
+      >"$AIRFLOW_PASSWORDS.tmp" && mv "$AIRFLOW_PASSWORDS.tmp" "$AIRFLOW_PASSWORDS"
+  fi
+  # MLflow's basic-auth app. Every request but /health needs a user: anonymous -> 401. The admin
+  # user is created on the first start from MLFLOW_AUTH_ADMIN_PASSWORD (given in the environment
+  # of the mlflow part, never on a command line). default_permission applies to users other than
+  # the admin on resources nobody granted them: NO_PERMISSIONS, so a user added later sees nothing
+  # until granted (the compose deployment, shared by a team, uses READ).
+  cat >"$SECRETS/mlflow_auth.ini" <<EOF
+[mlflow]
+default_permission = NO_PERMISSIONS
+database_uri = sqlite:///$VTM_HOME/mlflow/auth.db
+admin_username = $MLFLOW_ADMIN
+authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+EOF
 }
 
-wait_http() {  # url, seconds, name
-  local deadline=$((SECONDS + $2))
-  until curl -fsS -o /dev/null "$1" 2>/dev/null; do
-    if ((SECONDS > deadline)); then
-      echo "$3 did not answer $1 within $2 s; last log lines:" >&2
-      tail -n 30 "$LOG_DIR/$3.log" >&2 || true
-      return 1
-    fi
-    sleep 2
+# --- processes ------------------------------------------------------------------------------
+
+proc_stat() {  # pid -> "STATE PPID PGRP SID STARTTIME" (empty when gone)
+  local stat rest f
+  stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+  rest=${stat##*) }  # the command name in parentheses may hold spaces
+  read -r -a f <<<"$rest"
+  echo "${f[0]} ${f[1]} ${f[2]} ${f[3]} ${f[19]}"
+}
+
+part_pattern() {  # the part's program as its command line shows it (api-server retitles itself)
+  case $1 in
+    mlflow) echo '*bin/mlflow server *' ;;
+    api-server) echo '*airflow api[-_]server*' ;;
+    *) echo "*bin/airflow $1*" ;;
+  esac
+}
+
+recorded_pid() { local pid _; [[ -f $RUN_DIR/$1.pid ]] && read -r pid _ <"$RUN_DIR/$1.pid" && echo "$pid"; }
+
+running() {  # name: its recorded pid is alive, is the same process (start time) and the part's program
+  local pid start state cmdline s
+  [[ -f $RUN_DIR/$1.pid ]] || return 1
+  read -r pid start <"$RUN_DIR/$1.pid" || return 1
+  [[ $pid =~ ^[0-9]+$ ]] || return 1
+  s=$(proc_stat "$pid") || return 1
+  read -r state _ _ _ s <<<"$s"
+  [[ $state != Z && $state != X && $s == "$start" ]] || return 1
+  cmdline=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null) || return 1
+  # shellcheck disable=SC2053
+  [[ $cmdline == $(part_pattern "$1") ]]
+}
+
+session_is_ours() {  # name: the recorded pid still names the session this script started
+  # While any process is in a session its id cannot be reused as a pid; once the session is empty
+  # the number is free and may now lead a stranger's session. So: if a process with that pid
+  # exists, it must be ours (same start time: the part itself, or its zombie).
+  local pid start now
+  [[ -f $RUN_DIR/$1.pid ]] || return 1
+  read -r pid start <"$RUN_DIR/$1.pid" || return 1
+  [[ $pid =~ ^[0-9]+$ ]] || return 1
+  now=$(proc_stat "$pid") || return 0
+  read -r _ _ _ _ now <<<"$now"
+  if [[ -z ${start:-} ]]; then  # an older version's pid file: pid only
+    [[ $(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null) == *airflow* ]]
+  else
+    [[ $now == "$start" ]]
+  fi
+}
+
+leftovers() {  # the processes to stop: in the session of a dead part, or cut off from their part
+  # A task process whose supervisor or scheduler died (SIGKILL, OOM) is re-parented to init or a
+  # subreaper but stays in its part's session. A part's session holds only what the part started
+  # (a pid cannot be reused while it still names a session), so this never matches a stranger.
+  local name pid sid state ppid p hops
+  declare -A leader=() alive=() parent=() session=()
+  for name in "${PARTS[@]}" airflow; do  # airflow: the single wrapper of older versions
+    pid=$(recorded_pid "$name") || continue
+    session_is_ours "$name" || continue
+    leader[$pid]=$name
+    if [[ $name != airflow ]] && running "$name"; then alive[$pid]=1; fi
+  done
+  ((${#leader[@]})) || return 0
+  for d in /proc/[0-9]*; do
+    p=${d#/proc/}
+    read -r state ppid _ sid _ <<<"$(proc_stat "$p")" || continue
+    [[ -n ${sid:-} && -n ${leader[$sid]:-} ]] || continue
+    parent[$p]=$ppid session[$p]=$sid
+  done
+  for p in "${!session[@]}"; do
+    sid=${session[$p]}
+    [[ $p == "$sid" ]] && continue  # the part itself
+    if [[ -z ${alive[$sid]:-} ]]; then echo "$p"; continue; fi
+    # Alive part: keep the process only if its parent chain still leads to the part.
+    pid=$p hops=0
+    while [[ -n ${parent[$pid]:-} && $pid != "$sid" && $hops -lt 64 ]]; do pid=${parent[$pid]}; hops=$((hops + 1)); done
+    [[ $pid == "$sid" ]] || echo "$p"
   done
 }
 
-up() {
-  stack_env
-  mkdir -p "$VTM_HOME/mlflow" "$AIRFLOW_HOME"
-  start mlflow "$VENV/bin/mlflow" server --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 \
-    --backend-store-uri "sqlite:///$VTM_HOME/mlflow/mlflow.db" \
-    --artifacts-destination "$VTM_HOME/mlflow/artifacts" --serve-artifacts
-  # A running Airflow started with another DATA_MIRROR would keep using that one: restart it.
-  if running airflow && [[ "$(cat "$RUN_DIR/airflow.mirror" 2>/dev/null)" != "${DATA_MIRROR:-}" ]]; then
-    echo "DATA_MIRROR changed: restarting Airflow"
-    stop airflow
+kill_pids() {  # pids...: TERM, up to 10 s to exit, then KILL
+  (($#)) || return 0
+  kill -TERM "$@" 2>/dev/null || true
+  for _ in $(seq 20); do
+    local left=()
+    for p in "$@"; do [[ -e /proc/$p ]] && [[ $(proc_stat "$p" | cut -d' ' -f1) != Z ]] && left+=("$p"); done
+    ((${#left[@]})) || return 0
+    sleep 0.5
+  done
+  kill -KILL "$@" 2>/dev/null || true
+}
+
+stop_leftovers() {
+  local pids
+  mapfile -t pids < <(leftovers)
+  if ((${#pids[@]})); then
+    echo "stopping ${#pids[@]} process(es) left behind by a dead part: ${pids[*]}"
+    kill_pids "${pids[@]}"
   fi
-  if ! running airflow; then
-    airflow db migrate >"$LOG_DIR/airflow-migrate.log" 2>&1 ||
-      { tail -n 30 "$LOG_DIR/airflow-migrate.log" >&2; exit 1; }
-    python3 "$ROOT/dags/common/config.py" pools >"$VTM_HOME/pools.json"
-    airflow pools import "$VTM_HOME/pools.json" >>"$LOG_DIR/airflow-migrate.log" 2>&1
+}
+
+launch() {  # name, command...: in its own session, log appended (a crash's last words stay)
+  local name=$1 pid start; shift
+  mkdir -p "$RUN_DIR" "$LOG_DIR"
+  echo "=== $(date -u +%FT%TZ) tools/stack.sh starts $name" >>"$LOG_DIR/$name.log"
+  setsid "$@" >>"$LOG_DIR/$name.log" 2>&1 </dev/null &
+  pid=$!
+  read -r _ _ _ _ start <<<"$(proc_stat "$pid")"
+  echo "$pid $start" >"$RUN_DIR/$name.pid"
+  STARTED[$name]=$(date +%s)
+  echo "started $name (pid $pid, log $LOG_DIR/$name.log)"
+}
+
+start_part() {
+  local name=$1
+  case $name in
+    mlflow)
+      MLFLOW_AUTH_CONFIG_PATH=$SECRETS/mlflow_auth.ini \
+      MLFLOW_AUTH_ADMIN_PASSWORD=$(cat "$(secret mlflow_admin_password)") \
+      MLFLOW_FLASK_SERVER_SECRET_KEY=$(cat "$(secret mlflow_flask_secret_key)") \
+        launch mlflow "$VENV/bin/mlflow" server --app-name basic-auth \
+          --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 \
+          --backend-store-uri "sqlite:///$VTM_HOME/mlflow/mlflow.db" \
+          --artifacts-destination "$VTM_HOME/mlflow/artifacts" --serve-artifacts ;;
+    scheduler)
+      # Tasks run under the scheduler (LocalExecutor) and log in to MLflow with the admin user.
+      # As in the compose deployment, the Airflow connection mlflow_default carries URL and login
+      # (common.mlflow_utils.tracking_uri() reads it when MLFLOW_TRACKING_URI is unset). The same
+      # login also goes in MLflow's own client variables, because some task code calls MLflow
+      # before tracking_uri() (power evaluate: mlflow.lightgbm.load_model first), and only these
+      # reach every call. Both live in this part's environment only: not on a command line (ps),
+      # not in the database, not in `env`'s output; the task SDK masks the connection's password
+      # in task logs.
+      local conn password
+      password=$(cat "$(secret mlflow_admin_password)")
+      printf -v conn '{"conn_type": "http", "host": "127.0.0.1", "port": %s, "login": "%s", "password": "%s"}' \
+        "$MLFLOW_PORT" "$MLFLOW_ADMIN" "$password"
+      AIRFLOW_CONN_MLFLOW_DEFAULT=$conn MLFLOW_TRACKING_URI=http://127.0.0.1:$MLFLOW_PORT \
+      MLFLOW_TRACKING_USERNAME=$MLFLOW_ADMIN MLFLOW_TRACKING_PASSWORD=$password \
+        launch scheduler airflow scheduler --skip-serve-logs ;;
     # The four parts `airflow standalone` runs, started here so that nothing listens beyond
     # 127.0.0.1: standalone's scheduler and triggerer also start log servers bound to every
     # interface, which the embedded stack does not need (all logs are local files).
-    start airflow bash -c 'airflow api-server & airflow scheduler --skip-serve-logs &
-      airflow dag-processor & airflow triggerer --skip-serve-logs & wait'
-    echo "${DATA_MIRROR:-}" >"$RUN_DIR/airflow.mirror"
-  fi
-  wait_http "http://127.0.0.1:$MLFLOW_PORT/health" 120 mlflow
-  wait_http "http://127.0.0.1:$AIRFLOW_PORT/api/v2/monitor/health" 240 airflow
-  echo "MLflow  http://127.0.0.1:$MLFLOW_PORT"
-  echo "Airflow http://127.0.0.1:$AIRFLOW_PORT"
+    triggerer) launch triggerer airflow triggerer --skip-serve-logs ;;
+    *) launch "$name" airflow "$name" ;;
+  esac
 }
 
-stop() {
-  local name=$1 pid
-  [[ -f $RUN_DIR/$name.pid ]] || return 0
-  pid=$(cat "$RUN_DIR/$name.pid")
-  if kill -0 "$pid" 2>/dev/null; then
-    kill -TERM -- "-$pid" 2>/dev/null || true
-    for _ in $(seq 30); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
-    kill -KILL -- "-$pid" 2>/dev/null || true
+stop_part() {  # name: the part, then whatever is left in its session
+  local name=$1 pid members
+  pid=$(recorded_pid "$name") || return 0
+  if ! session_is_ours "$name"; then rm -f "$RUN_DIR/$name.pid"; return 0; fi
+  if [[ $name != airflow ]] && running "$name"; then
+    kill -TERM -- "-$pid" 2>/dev/null || true  # the part's own process group first: a clean stop
+    for _ in $(seq 60); do running "$name" || break; sleep 0.5; done
     echo "stopped $name"
   fi
+  mapfile -t members < <(for d in /proc/[0-9]*; do
+    read -r _ _ _ sid _ <<<"$(proc_stat "${d#/proc/}")" || continue
+    [[ ${sid:-} == "$pid" ]] && echo "${d#/proc/}"; done)
+  kill_pids "${members[@]}"
   rm -f "$RUN_DIR/$name.pid"
+}
+
+# --- health ---------------------------------------------------------------------------------
+
+wait_healthy() {
+  # MLflow's /health, then Airflow's /api/v2/monitor/health with each component "healthy". A
+  # component restarted just now must also have a heartbeat from after its start: right after a
+  # crash the dead one's last heartbeat still looks healthy for 30 s.
+  local args=() name
+  for name in scheduler triggerer dag-processor; do args+=("$name=${STARTED[$name]:-0}"); done
+  python3 - "$MLFLOW_PORT" "$AIRFLOW_PORT" "$HEALTH_TIMEOUT" "$RUN_DIR" "${args[@]}" <<'EOF'
+import json, os, sys, time, urllib.request
+from datetime import datetime
+
+mlflow_port, airflow_port, timeout, run_dir = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
+started = {k.replace("-", "_"): float(v) for k, v in (a.split("=") for a in sys.argv[5:])}
+deadline = time.time() + timeout
+
+
+def get(url):
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.read().decode()
+    except Exception:
+        return None
+
+
+problems = {"mlflow": "no answer", "api-server": "no answer"}
+while time.time() < deadline:
+    problems = {}
+    if get(f"http://127.0.0.1:{mlflow_port}/health") is None:
+        problems["mlflow"] = "no answer on /health"
+    body = get(f"http://127.0.0.1:{airflow_port}/api/v2/monitor/health")
+    if body is None:
+        problems["api-server"] = "no answer on /api/v2/monitor/health"
+    else:
+        health = json.loads(body)
+        for comp in ("metadatabase", "scheduler", "triggerer", "dag_processor"):
+            entry = health.get(comp) or {}
+            if entry.get("status") != "healthy":
+                problems[comp] = f"status {entry.get('status')}"
+                continue
+            beat = entry.get(f"latest_{comp}_heartbeat")
+            if comp in started and started[comp] and beat and \
+                    datetime.fromisoformat(beat).timestamp() < started[comp]:
+                problems[comp] = "no heartbeat since its restart yet"
+    if not problems:
+        sys.exit(0)
+    time.sleep(2)
+for comp, why in problems.items():
+    print(f"UNHEALTHY {comp.replace('_', '-')}: {why} after {timeout:.0f} s", file=sys.stderr)
+sys.exit(1)
+EOF
+}
+
+# --- commands -------------------------------------------------------------------------------
+
+declare -A STARTED=()
+
+up() {
+  stack_env
+  mkdir -p "$VTM_HOME" "$VTM_HOME/mlflow" "$RUN_DIR" "$LOG_DIR"
+  # A $VTM_HOME made by an older version (0755 folders, 0644 logs and databases): owner only.
+  chmod -R go-rwx "$VTM_HOME"
+  ensure_secrets
+  local name restart_airflow=0
+  # A running Airflow started with another DATA_MIRROR would keep using that one: restart it.
+  if [[ -f $RUN_DIR/airflow.mirror && "$(cat "$RUN_DIR/airflow.mirror")" != "${DATA_MIRROR:-}" ]]; then
+    for name in "${AIRFLOW_PARTS[@]}"; do running "$name" && restart_airflow=1; done
+  fi
+  if ((restart_airflow)); then
+    echo "DATA_MIRROR changed: restarting Airflow"
+    for name in "${AIRFLOW_PARTS[@]}"; do stop_part "$name"; done
+  fi
+  stop_part airflow  # the single wrapper process of older versions, if any
+  for name in "${PARTS[@]}"; do
+    if [[ -f $RUN_DIR/$name.pid ]] && ! running "$name"; then echo "$name is dead: restarting it"; fi
+  done
+  stop_leftovers
+  for name in "${PARTS[@]}"; do running "$name" || rm -f "$RUN_DIR/$name.pid"; done
+
+  running mlflow || start_part mlflow
+  local need_airflow=0
+  for name in "${AIRFLOW_PARTS[@]}"; do running "$name" || need_airflow=1; done
+  if ((need_airflow)); then
+    # MLflow credentials a caller's shell may carry reach no part; the scheduler gets the
+    # stack's own (see start_part scheduler).
+    unset MLFLOW_TRACKING_URI MLFLOW_TRACKING_USERNAME MLFLOW_TRACKING_PASSWORD
+    AIRFLOW__API_AUTH__JWT_SECRET=$(cat "$(secret jwt_secret)")
+    export AIRFLOW__API_AUTH__JWT_SECRET  # the scheduler signs task tokens, the API server checks them
+    local any_airflow=0
+    for name in "${AIRFLOW_PARTS[@]}"; do if running "$name"; then any_airflow=1; fi; done
+    if ((!any_airflow)); then  # a fresh start; a part restarted beside running ones skips this (~20 s)
+      airflow db migrate >>"$LOG_DIR/airflow-migrate.log" 2>&1 ||
+        { tail -n 30 "$LOG_DIR/airflow-migrate.log" >&2; exit 1; }
+      python3 "$ROOT/dags/common/config.py" pools >"$VTM_HOME/pools.json"
+      airflow pools import "$VTM_HOME/pools.json" >>"$LOG_DIR/airflow-migrate.log" 2>&1
+    fi
+    for name in "${AIRFLOW_PARTS[@]}"; do running "$name" || start_part "$name"; done
+    echo "${DATA_MIRROR:-}" >"$RUN_DIR/airflow.mirror"
+  fi
+  if ! wait_healthy; then
+    for name in "${PARTS[@]}"; do
+      running "$name" && continue
+      echo "$name is not running; last lines of $LOG_DIR/$name.log:" >&2
+      tail -n 20 "$LOG_DIR/$name.log" >&2 || true
+    done
+    exit 1
+  fi
+  echo "MLflow  http://127.0.0.1:$MLFLOW_PORT   (user $MLFLOW_ADMIN, password in $SECRETS/mlflow_admin_password)"
+  echo "Airflow http://127.0.0.1:$AIRFLOW_PORT   (user admin, password in $AIRFLOW_PASSWORDS)"
+}
+
+down() {
+  local name
+  for name in triggerer dag-processor scheduler api-server mlflow airflow; do stop_part "$name"; done
+}
+
+status() {
+  local name rc=0
+  for name in "${PARTS[@]}"; do
+    if running "$name"; then echo "$name running (pid $(recorded_pid "$name"))"
+    elif [[ -f $RUN_DIR/$name.pid ]]; then echo "$name stopped (dead: pid $(recorded_pid "$name") is gone)"; rc=3
+    else echo "$name stopped"; rc=3; fi
+  done
+  local body
+  if running api-server && body=$(curl -fsS -m 10 "http://127.0.0.1:$AIRFLOW_PORT/api/v2/monitor/health" 2>/dev/null); then
+    python3 -c 'import json, sys
+for comp, entry in json.loads(sys.argv[1]).items():
+    print("airflow", comp.replace("_", "-") + ":", (entry or {}).get("status"))' "$body"
+  fi
+  return $rc
+}
+
+print_env() {
+  # For a person's shell. Secrets stay in their files: what is printed is the command that reads
+  # them when the shell evaluates it. The JWT secret is left out: the CLI does not need it
+  # (`airflow dags test` runs its tasks in-process, other commands use the database).
+  stack_env
+  ensure_secrets
+  if [[ -z ${DATA_MIRROR:-} && -n "$(cat "$RUN_DIR/airflow.mirror" 2>/dev/null)" ]]; then
+    DATA_MIRROR=$(cat "$RUN_DIR/airflow.mirror")  # the mirror `up` started the tasks with
+    export DATA_MIRROR
+  fi
+  env | grep -E '^(PATH|VTM_[A-Z_]*|AIRFLOW_HOME|AIRFLOW__[A-Z_]*|MLFLOW_TRACKING_URI|MLFLOW_SERVER_[A-Z_]*|DATA_MIRROR|TICK_LAKE[A-Z_]*|PYTHONPATH|NO_COLOR)=' |
+    grep -v -E '^AIRFLOW__API_AUTH__JWT_SECRET=' | sed 's/^/export /; s/=\(.*\)$/="\1"/'
+  echo "export MLFLOW_TRACKING_USERNAME=\"$MLFLOW_ADMIN\""
+  echo "export MLFLOW_TRACKING_PASSWORD=\"\$(cat '$SECRETS/mlflow_admin_password')\""
 }
 
 case ${1:-} in
   up) up ;;
-  down) stop airflow; stop mlflow ;;
-  env) stack_env; env | grep -E '^(PATH|VTM_[A-Z_]*|AIRFLOW[A-Z_]*|MLFLOW[A-Z_]*|DATA_MIRROR|TICK_LAKE[A-Z_]*|PYTHONPATH)=' | sed 's/^/export /; s/=\(.*\)$/="\1"/' ;;
-  status) for n in mlflow airflow; do running $n && echo "$n running" || echo "$n stopped"; done ;;
+  down) down ;;
+  env) print_env ;;
+  status) status ;;
   *) echo "usage: $0 up|down|env|status" >&2; exit 2 ;;
 esac
