@@ -28,7 +28,7 @@ def _system_only_path() -> str:
     return os.pathsep.join([str(cluster.VENV_BIN), "/usr/bin", "/bin"])
 
 
-@pytest.mark.reliability(case="1.1 fresh machine: servers", fault="no redis-server or PostgreSQL on the system",
+@pytest.mark.reliability(case="1.2 fresh machine: servers", fault="no redis-server or PostgreSQL on the system",
                          survives="the cluster runs PostgreSQL and Redis from pinned wheels in .venv, on 127.0.0.1")
 def test_cluster_servers_come_from_the_venv(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", _system_only_path())
@@ -53,7 +53,7 @@ def test_cluster_servers_come_from_the_venv(tmp_path, monkeypatch):
         parts.stop()
 
 
-@pytest.mark.reliability(case="1.2 fresh machine: CI entry", fault="CI installs system packages the README does not name",
+@pytest.mark.reliability(case="1.3 fresh machine: CI entry", fault="CI installs system packages the README does not name",
                          survives=".ci/run is a thin call of make test; nothing is installed outside the venv")
 def test_ci_run_is_make_test_alone():
     script = (ROOT / ".ci/run").read_text()
@@ -72,7 +72,7 @@ def _readme_python_modules() -> list[tuple[str, str]]:
     return found
 
 
-@pytest.mark.reliability(case="1.3 README commands", fault="a README command names a module or subcommand that does not exist",
+@pytest.mark.reliability(case="1.4 README commands", fault="a README command names a module or subcommand that does not exist",
                          survives="every `python -m` command of README 'Using it' answers --help with exit 0")
 def test_readme_python_commands_exist():
     commands = _readme_python_modules()

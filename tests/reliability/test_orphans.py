@@ -77,7 +77,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
-@pytest.mark.reliability(case="4.6 task supervisor SIGKILL", fault="SIGKILL of a training task's supervisor",
+@pytest.mark.reliability(case="4.8 task supervisor SIGKILL", fault="SIGKILL of a training task's supervisor",
                          survives="the orphaned task process dies with it (no second writer to the run)")
 def test_task_process_dies_with_its_supervisor(mlflow_server):
     supervisor = subprocess.Popen([sys.executable, "-c", SUPERVISOR, TASK, "supervised", "run-a", "120"],
@@ -96,7 +96,7 @@ def test_task_process_dies_with_its_supervisor(mlflow_server):
             os.kill(task_pid, signal.SIGKILL)
 
 
-@pytest.mark.reliability(case="4.7 retry beside a live orphan", fault="a retry starts while the earlier try still trains",
+@pytest.mark.reliability(case="4.9 retry beside a live orphan", fault="a retry starts while the earlier try still trains",
                          survives="the retry waits for the earlier try to end, then resumes the same MLflow run")
 def test_retry_waits_for_a_live_earlier_try(mlflow_server):
     # Not supervised: no death signal, so only the per-task lock stands between the two tries.
