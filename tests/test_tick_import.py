@@ -213,6 +213,24 @@ def test_validation_catches_a_partition_changed_after_import(tmp_path):
         tick_pipeline.validate(str(lake), DAY, max_bad_share=0.5)
 
 
+@pytest.mark.parametrize("price", [float("inf"), float("nan"), -1.0])
+def test_validation_refuses_prices_an_older_importer_let_through(tmp_path, price):
+    """A partition with a consistent manifest whose values the importer now refuses (written by an
+    older version): validate names the file, row and field instead of passing it to the features."""
+    lake = tmp_path / "lake"
+    tick_import.import_files(str(lake), [write_csv(tmp_path / "d.csv", GOOD)])
+    folder = lake / "trades/date=2013-10-08/symbol=IBM"
+    frame = pl.read_parquet(folder / tick_lake.PART_FILE)
+    frame = frame.with_columns(pl.when(pl.int_range(pl.len()) == 2).then(price).otherwise(pl.col("price"))
+                               .cast(frame.schema["price"]).alias("price"))
+    data = tick_import.parquet_bytes(frame)
+    (folder / tick_lake.PART_FILE).write_bytes(data)
+    manifest = json.loads((folder / tick_lake.MANIFEST_FILE).read_text())
+    (folder / tick_lake.MANIFEST_FILE).write_text(json.dumps({**manifest, "sha256": tick_lake.sha256(data)}))
+    with pytest.raises(DataValidationError, match=r"symbol=IBM/.*, field 'price': row 2: .* is not a finite number > 0"):
+        tick_pipeline.validate(str(lake), DAY, max_bad_share=0.5)
+
+
 def test_simulated_days_are_tagged_synthetic(tmp_path):
     lake = str(tmp_path / "lake")
     days = tick_import.seed(lake, mirror=None, simulate_start=date(2026, 1, 2), simulate_days=2)
