@@ -427,6 +427,8 @@ class Cluster:
                 # Logs are local files here; the log server would bind every interface.
                 "--skip-serve-logs"],
                 {**env, "VTM_WORKER_HOSTNAME": spec.service,
+                 # What the tasks size their threads by (as the compose file sets it).
+                 "AIRFLOW__CELERY__WORKER_CONCURRENCY": str(spec.concurrency if spec.gpu else self.cpu_concurrency),
                  "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port())})
 
     def start(self, timeout: float = 600) -> Cluster:

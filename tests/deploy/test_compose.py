@@ -178,6 +178,15 @@ def test_the_local_cluster_runs_the_compose_files_workers(raw):
     assert not specs["airflow-worker"].gpu and specs["airflow-worker"].concurrency == 4
 
 
+def test_each_worker_tells_its_tasks_its_concurrency(raw):
+    """A task sizes its threads to cores // the worker's concurrency (dags/scripts/threads.py), and
+    a task process cannot see the worker's --concurrency flag: the environment says the same."""
+    for spec in cluster.compose_workers(raw):
+        env = raw["services"][spec.service]["environment"]
+        assert "AIRFLOW__CELERY__WORKER_CONCURRENCY" in env, spec.service
+        assert int(cluster._default_of(str(env["AIRFLOW__CELERY__WORKER_CONCURRENCY"]))) == spec.concurrency
+
+
 # --- Ports, volumes, services ------------------------------------------------------------------
 
 
