@@ -169,7 +169,7 @@ POWER_PARAMS: tuple[ParamSpec, ...] = (
     _int("seed", 7, "Random seed (ensemble member i uses seed + i)", minimum=0),
     _int("ensemble_size", 3, "Boosters refit with different seeds and averaged into one",
          minimum=1, maximum=20),
-    _int("num_threads", 2, "Most LightGBM threads, within the task's thread budget "
+    _int("num_threads", 0, "Most LightGBM threads, within the task's thread budget "
          "(scripts/threads.py); 0: the whole budget", minimum=0, maximum=256),
 )
 
@@ -190,7 +190,7 @@ TICK_PARAMS: tuple[ParamSpec, ...] = (
     _number("colsample_bytree", 0.8, "Share of features sampled per tree", above=0, maximum=1),
     _number("reg_lambda", 5.0, "L2 regularisation of leaf weights", minimum=0),
     _int("seed", 7, "Random seed", minimum=0),
-    _int("nthread", 2, "Most XGBoost threads, within the task's thread budget "
+    _int("nthread", 0, "Most XGBoost threads, within the task's thread budget "
          "(scripts/threads.py); 0: the whole budget", minimum=0, maximum=256),
 )
 

@@ -48,7 +48,7 @@ class ModelParams:
     early_stopping_rounds: int = 100
     seed: int = 7
     ensemble_size: int = 3  # boosters refit with seeds seed, seed+1, ... and averaged into one
-    num_threads: int = 2
+    num_threads: int = 0  # 0: the task's whole thread budget (scripts/threads.py)
 
     def lgb_params(self) -> dict[str, object]:
         return {

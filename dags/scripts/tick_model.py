@@ -50,7 +50,7 @@ class ModelParams:
     colsample_bytree: float = 0.8
     reg_lambda: float = 5.0
     seed: int = 7
-    nthread: int = 2
+    nthread: int = 0  # 0: the task's whole thread budget (scripts/threads.py)
 
 
 def labelled(frame):
