@@ -144,5 +144,7 @@ def test_cuda_without_gpu_is_an_error():
 
     if tf.config.list_physical_devices("GPU"):
         pytest.skip("a GPU is present")
-    with pytest.raises(RuntimeError, match="no GPU"):
+    from scripts.errors import TrainingError
+
+    with pytest.raises(TrainingError, match="no GPU"):  # permanent: never retried
         ik.train_keras(MNIST_LIKE, TrainConfig(dataset="mnist", framework="tensorflow", device="cuda"))

@@ -67,3 +67,31 @@ def test_torch_resume_continues_from_the_checkpoint(digits, tmp_path):
     assert [h.epoch for h in resumed.history] == [1, 2, 3]
     uninterrupted = train_torch(digits, cfg)
     assert resumed.train_seconds > 0 and len(uninterrupted.history) == 3
+
+
+def test_a_diverging_run_fails_for_good_before_its_checkpoint(digits, tmp_path, monkeypatch):
+    """A non-finite loss (a run that diverged) is a TrainingError (never retried), raised before
+    that epoch is checkpointed or reported. The divergence is forced: the loss is made NaN."""
+    from scripts import image_torch
+    from scripts.errors import TrainingError
+
+    cross_entropy = image_torch.F.cross_entropy
+    monkeypatch.setattr(image_torch.F, "cross_entropy", lambda *a, **k: cross_entropy(*a, **k) * float("nan"))
+    seen = []
+    with pytest.raises(TrainingError, match="training diverged: train loss nan at epoch 1/2"):
+        image_torch.train_torch(digits, TrainConfig("mnist", "smoke"), on_epoch=seen.append,
+                                checkpoint_dir=tmp_path)
+    assert seen == [] and not any(tmp_path.iterdir())
+
+
+def test_cuda_without_a_gpu_fails_for_good():
+    import torch
+
+    from scripts.errors import TrainingError
+    from scripts.image_torch import train_torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(TrainingError, match="no CUDA device"):
+        train_torch(ImageArrays(*([np.zeros((1, 28, 28, 1), np.uint8), np.zeros(1, np.int64)] * 2),
+                                tuple("0123456789")), TrainConfig("mnist", "smoke", device="cuda"))

@@ -115,6 +115,18 @@ class EpochResult:
     device: str
 
 
+def ensure_converging(result: EpochResult) -> None:
+    """A non-finite training loss means the run diverged (a learning rate too high for the
+    recipe): fail it now, for good, before it is checkpointed, logged or registered."""
+    import math
+
+    if not math.isfinite(result.train_loss):
+        from scripts.errors import TrainingError
+
+        raise TrainingError(f"training diverged: train loss {result.train_loss} at epoch "
+                            f"{result.epoch}/{result.total_epochs}; lower learning_rate or use the profile's")
+
+
 @dataclass
 class TrainResult:
     test_accuracy: float

@@ -50,12 +50,14 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from keras import layers  # noqa: E402
 
+from scripts.errors import TrainingError  # noqa: E402
 from scripts.image_common import (  # noqa: E402
     EpochCallback,
     EpochResult,
     ImageArrays,
     TrainConfig,
     TrainResult,
+    ensure_converging,
     subset,
 )
 
@@ -264,7 +266,8 @@ def _pick_device(requested: str) -> str:
     if requested == "cpu" or (requested == "auto" and not gpus):
         return "cpu"
     if not gpus:
-        raise RuntimeError("device='cuda' requested but TensorFlow sees no GPU")
+        # Permanent: a retry on the same worker has no GPU either.
+        raise TrainingError("device='cuda' requested but TensorFlow sees no GPU on this worker")
     return "cuda"
 
 
@@ -369,6 +372,7 @@ def _train(arrays: ImageArrays, cfg: TrainConfig, on_epoch: EpochCallback | None
         train_images += steps * batch
         accuracy = float((predict() == data.y_test).mean())
         result = EpochResult(epoch + 1, profile.epochs, train_loss, accuracy, seconds, device)
+        ensure_converging(result)
         history.append(result)
         if checkpoint_dir is not None:
             _save_checkpoint(checkpoint_dir, model, {

@@ -24,7 +24,16 @@ from torch import nn
 from torch.nn import functional as F
 
 from scripts import threads
-from scripts.image_common import EpochCallback, EpochResult, ImageArrays, TrainConfig, TrainResult, subset
+from scripts.errors import TrainingError
+from scripts.image_common import (
+    EpochCallback,
+    EpochResult,
+    ImageArrays,
+    TrainConfig,
+    TrainResult,
+    ensure_converging,
+    subset,
+)
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -85,7 +94,8 @@ def pick_device(requested: str) -> torch.device:
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError("device='cuda' requested but no CUDA device is available")
+        # Permanent: a retry on the same worker has no GPU either.
+        raise TrainingError("device='cuda' requested but no CUDA device is available on this worker")
     return torch.device("cuda")
 
 
@@ -219,6 +229,7 @@ def train_torch(arrays: ImageArrays, cfg: TrainConfig, on_epoch: EpochCallback |
         accuracy = float((logits.argmax(1) == y_test).float().mean())
         result = EpochResult(epoch + 1, recipe.epochs, float(loss_sum) / steps_per_epoch, accuracy,
                              seconds, device.type)
+        ensure_converging(result)
         history.append(result)
         if ckpt:
             ckpt.parent.mkdir(parents=True, exist_ok=True)
