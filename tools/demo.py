@@ -1,7 +1,20 @@
 """``make demo``: unpause and trigger every workflow on the running stack, wait, print a table.
 
-Expects ``tools/stack.sh up`` to have run (it is what ``make demo`` does first). Every workflow of
-``dags/common/config.py`` that has a DAG file is triggered with its ``demo_conf``.
+Expects ``tools/stack.sh up`` to have run (it is what ``make demo`` does first) and the stack's
+environment (``eval "$(tools/stack.sh env)"``). Every workflow of ``dags/common/config.py`` that
+has a DAG file is triggered with its ``demo_conf``.
+
+No secret is printed: the end says where the Airflow and MLflow passwords are kept.
+
+Runs that are still active when the demo's own runs are done get a row of their own saying why
+they wait and until when. Unpausing ``tick_model_training`` makes the scheduler create its latest
+scheduled run (catchup is off), for the last weekday's New York close; no importer feeds the demo
+lake, so that run's ``wait_for_trades`` sensor waits (reschedule mode: no worker slot held) up to
+the workflow's ``data_wait`` (6 h) and then fails. It is left waiting on purpose rather than
+cancelled: it is exactly what the schedule does in production while the importer is late, and it
+blocks nothing the demo or the README needs: backfills (how the demo runs the tick workflow) and
+``airflow dags test`` do not queue behind it, only another triggered tick run would (max_active_runs
+1). Marking it failed instead would fake an outcome; pausing the DAG would also stop the backfill.
 """
 
 from __future__ import annotations
@@ -21,8 +34,15 @@ from tools.airflow_api import AirflowClient  # noqa: E402
 from tools.backfill import create_backfill  # noqa: E402
 
 
+def password_file(airflow_home: Path) -> Path:
+    """Where the simple auth manager keeps the generated admin password (tools/stack.sh writes it
+    before the API server starts, so Airflow never prints it)."""
+    configured = os.environ.get("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE")
+    return Path(configured) if configured else airflow_home / "simple_auth_manager_passwords.json.generated"
+
+
 def admin_password(airflow_home: Path) -> str:
-    return json.loads((airflow_home / "simple_auth_manager_passwords.json.generated").read_text())["admin"]
+    return json.loads(password_file(airflow_home).read_text())["admin"]
 
 
 def present_workflows() -> list[config.WorkflowConfig]:
@@ -108,6 +128,43 @@ def describe(client: AirflowClient, cfg: config.WorkflowConfig, record: dict) ->
     return row
 
 
+def still_active(client: AirflowClient, workflows: list[config.WorkflowConfig],
+                 demo_runs: dict[str, str]) -> list[dict[str, str]]:
+    """A row for every other run still queued or running: which task waits, for what, until when."""
+    rows = []
+    for cfg in workflows:
+        for state in ("running", "queued"):
+            records = client.request("GET", f"/dags/{cfg.dag_id}/dagRuns?state={state}")["dag_runs"]
+            for record in records:
+                if record["dag_run_id"] == demo_runs.get(cfg.dag_id):
+                    continue
+                rows.append({"dag_id": cfg.dag_id, "state": f"{state} ({record['run_type']})",
+                             "duration": "-", "metric": "-", "model": "-", "alias": "-",
+                             "champion": "-", "mlflow_run": "-",
+                             "note": why_waiting(client, cfg, record)})
+    return rows
+
+
+def why_waiting(client: AirflowClient, cfg: config.WorkflowConfig, record: dict) -> str:
+    tasks = client.task_instances(cfg.dag_id, record["dag_run_id"])
+    waiting = [t for t in tasks if t["state"] in ("up_for_reschedule", "deferred", "running")]
+    if cfg.dag_id == "tick_model_training" and any(t["task_id"] == "wait_for_trades" for t in waiting):
+        when = record.get("logical_date") or record.get("run_after") or ""
+        day = (record.get("conf") or {}).get("trade_date") or when[:10]
+        started = record.get("start_date")
+        until = ""
+        if started:
+            deadline = datetime.fromisoformat(started) + cfg.data_wait
+            until = f" until about {deadline:%Y-%m-%d %H:%M} UTC"
+        hours = cfg.data_wait.total_seconds() / 3600
+        return (f"wait_for_trades waits for the trades of {day}, which no importer writes into the "
+                f"demo lake; it gives up{until} (data_wait {hours:g} h) and the run fails. "
+                "Backfills and `airflow dags test` do not queue behind it")
+    if waiting:
+        return ", ".join(f"{t['task_id']} {t['state']}" for t in waiting)
+    return "queued behind another run of this DAG (max_active_runs)" if record["state"] == "queued" else "-"
+
+
 def print_table(rows: list[dict[str, str]]) -> None:
     headers = list(rows[0])
     widths = {h: max(len(h), *(len(r[h]) for r in rows)) for h in headers}
@@ -121,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--timeout", type=float, default=3600, help="seconds to wait for the runs")
     args = parser.parse_args(argv)
+    os.umask(0o077)  # it writes under VTM_HOME (the tick lake): private, like everything the stack writes
     airflow_home = Path(os.environ["AIRFLOW_HOME"])
     base_url = os.environ.get("AIRFLOW__API__BASE_URL", "http://127.0.0.1:8080")
     client = AirflowClient(base_url, "admin", admin_password(airflow_home))
@@ -139,13 +197,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"triggered {cfg.dag_id}: {runs[cfg.dag_id]}", flush=True)
     print(f"waiting for {len(runs)} run(s) (up to {args.timeout:.0f} s) ...", flush=True)
     final = client.wait_for_runs(runs, timeout=args.timeout)
-    rows = [describe(client, cfg, final[cfg.dag_id]) for cfg in workflows]
+    rows = [{**describe(client, cfg, final[cfg.dag_id]), "note": "-"} for cfg in workflows]
+    rows += still_active(client, workflows, runs)
     print()
     print_table(rows)
+    vtm_home = Path(os.environ.get("VTM_HOME", ROOT / ".local"))
     print(f"""
-Airflow UI  {base_url}   user: admin   password: {admin_password(airflow_home)}
-            (generated on first start; kept in {airflow_home}/simple_auth_manager_passwords.json.generated)
-MLflow UI   {os.environ.get('MLFLOW_TRACKING_URI', 'http://127.0.0.1:5000')}
+Airflow UI  {base_url}   user: admin   password: in {password_file(airflow_home)}
+MLflow UI   {os.environ.get('MLFLOW_TRACKING_URI', 'http://127.0.0.1:5000')}   user: admin   password: in {vtm_home / 'secrets' / 'mlflow_admin_password'}
+            (both generated on the first start, readable by you only)
 Both keep running; stop them with: make down""")
     return 0 if all(r["state"] == "success" for r in final.values()) else 1
 

@@ -1,10 +1,12 @@
 """`make demo`'s path for real: tools/stack.sh starts MLflow and Airflow (api-server, scheduler,
 dag-processor, triggerer; LocalExecutor, SQLite) on free 127.0.0.1 ports, tools/demo.py unpauses
 and triggers every workflow through the REST API and prints the table, login works with the
-generated password only, and `down` stops everything it started."""
+generated password only (printed nowhere: the demo says where it is), MLflow asks for its
+login, and `down` stops everything it started."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -63,14 +65,31 @@ def test_demo_runs_every_workflow_and_leaves_both_uis_up(tmp_path):
             cnn = next(line for line in demo.stdout.splitlines() if line.startswith(dag_id))
             assert " success " in cnn and "test_accuracy=" in cnn and "smoke profile" in cnn
 
-        password = json.loads((tmp_path / "home/airflow/simple_auth_manager_passwords.json.generated")
-                              .read_text())["admin"]
-        assert password != "admin" and password in demo.stdout
+        # The scheduled tick run that unpausing creates waits for trades no importer brings: the
+        # table says so and until when, instead of leaving it silently holding the DAG's one slot.
+        for line in demo.stdout.splitlines():
+            if line.startswith("tick_model_training") and "(scheduled)" in line:
+                assert "wait_for_trades waits for the trades of" in line and "data_wait 6 h" in line
+
+        password_file = tmp_path / "home/airflow/simple_auth_manager_passwords.json.generated"
+        password = json.loads(password_file.read_text())["admin"]
+        mlflow_password = (tmp_path / "home/secrets/mlflow_admin_password").read_text().strip()
+        # Where the passwords are, never the passwords themselves (stdout ends up in CI logs).
+        assert password != "admin" and password not in demo.stdout + demo.stderr
+        assert mlflow_password not in demo.stdout + demo.stderr
+        assert str(password_file) in demo.stdout
         token_url = f"http://127.0.0.1:{airflow_port}/auth/token"
         assert post_json(token_url, {"username": "admin", "password": password}) in (200, 201)
         assert post_json(token_url, {"username": "admin", "password": "admin"}) in (401, 403)
-        with urllib.request.urlopen(f"http://127.0.0.1:{mlflow_port}/", timeout=30) as ui:
-            assert ui.status == 200
+        # The MLflow UI asks for the login too (basic auth); with it, it opens.
+        ui = f"http://127.0.0.1:{mlflow_port}/"
+        with pytest.raises(urllib.error.HTTPError) as anonymous:
+            urllib.request.urlopen(ui, timeout=30)
+        assert anonymous.value.code == 401
+        login = base64.b64encode(f"admin:{mlflow_password}".encode()).decode()
+        request = urllib.request.Request(ui, headers={"Authorization": f"Basic {login}"})
+        with urllib.request.urlopen(request, timeout=30) as page:
+            assert page.status == 200
     finally:
         subprocess.run([stack, "down"], env=env, timeout=120)
     status = subprocess.run([stack, "status"], env=env, capture_output=True, text=True).stdout
