@@ -167,6 +167,7 @@ def _nearest_centroid_accuracy(x_train, y_train, x_test, y_test, classes: int) -
 def evaluate(dataset: str, snapshot: Mapping[str, Any], trained: Mapping[str, Any]) -> dict[str, Any]:
     """The logged model, the baseline and the current champion on the same test images."""
     threads.apply()
+    mlflow_utils.configure()  # before the first load: the server may be known only by its connection
     workflow = config.get(DAG_IDS[dataset])
     cfg = train_config(dataset, {k: trained["params"][k] for k in TUNABLE if k in trained["params"]})
     arrays = image_data.load_snapshot(str(snapshot["uri"]))

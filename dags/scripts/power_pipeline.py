@@ -106,6 +106,7 @@ def _champion_score(model_name: str, table: power_model.FeatureTable, window_sta
 def evaluate(snapshot: Mapping[str, Any], trained: Mapping[str, str]) -> dict[str, Any]:
     """Score model, baselines and champion on the same window; log metrics and plots."""
     threads.apply()
+    mlflow_utils.configure()  # before the first load: the server may be known only by its connection
     import mlflow
     import pandas
 

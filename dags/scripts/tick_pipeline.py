@@ -223,6 +223,7 @@ def _champion_score(model_name: str, frame) -> tuple[str | None, dict[str, float
 def evaluate(lake_uri: str, day: date, built: Mapping[str, Any], trained: Mapping[str, Any]) -> dict[str, Any]:
     """Walk-forward scores of model, persistence, HAR and champion on the day; plots to MLflow."""
     threads.apply()
+    mlflow_utils.configure()  # before the first load: the server may be known only by its connection
     cfg = config.get(DAG_ID)
     started = time.perf_counter()
     frame = tick_features.load_features(Lake.open(lake_uri), [day])
