@@ -28,7 +28,8 @@ def mirror(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
+# Per test: a dag.test() conf sticks to the DAG object's Params in Airflow 3.3 (test_power_dag.py).
+@pytest.fixture
 def dagbag(airflow_db):
     from airflow.dag_processing.dagbag import DagBag
 

@@ -18,7 +18,10 @@ CFG = config.get("power_lgbm_training")
 SMALL = {"eval_weeks": 2, "validation_weeks": 2, "num_boost_round": 300}
 
 
-@pytest.fixture(scope="module")
+# Per test: Airflow 3.3 writes a run's conf into the DAG's own Param objects (ParamsDict.update ->
+# Param.resolve stores the value), so a second dag.test() of the same DAG object would inherit
+# the first run's conf as its defaults.
+@pytest.fixture
 def dag(airflow_db):
     from airflow.dag_processing.dagbag import DagBag
 

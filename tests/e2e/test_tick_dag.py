@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[2]
 CFG = config.get("tick_model_training")
 
 
-@pytest.fixture(scope="module")
+# Per test: a dag.test() conf sticks to the DAG object's Params in Airflow 3.3 (test_power_dag.py).
+@pytest.fixture
 def dag(airflow_db):
     from airflow.dag_processing.dagbag import DagBag
 
