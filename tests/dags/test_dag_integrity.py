@@ -177,3 +177,10 @@ def test_params_table_lists_every_parameter():
         assert f"**`{cfg.dag_id}`**" in out
         for spec in cfg.run_params:
             assert f"| `{spec.name}` |" in out
+
+
+def test_operations_doc_shows_the_params_table_config_generates():
+    """docs/operations.md "What each parameter accepts" is the generated table, not a copy that drifts."""
+    table = config.params_table().strip()
+    assert table in (ROOT / "docs/operations.md").read_text(), \
+        "regenerate with: python dags/common/config.py params-table"
