@@ -22,7 +22,7 @@ ALREADY_RUNNING = "AlreadyRunningBackfill"
 
 def create_backfill(dag_id: str, from_date: str, to_date: str, extra: Sequence[str] = (), *,
                     runner: Sequence[str] = (), env: Mapping[str, str] | None = None,
-                    deadline_s: float = 600, pause_s: float = 5) -> str:
+                    deadline_s: float = 900, pause_s: float = 5) -> str:
     """Create the backfill (runs one day at a time, in date order); returns the CLI's stdout.
 
     ``runner`` prefixes the command, e.g. a shell that first loads the stack's environment.

@@ -45,6 +45,9 @@ _applied: int | None = None
 _interop_set = False
 _REPORTED_LIBRARIES = ("torch", "tensorflow", "polars", "lightgbm", "xgboost", "numpy")
 _reported: frozenset[str] = frozenset()
+# The process the state above describes: a forked child (a task process under Airflow's
+# supervisor) inherits it, but its task log has not said anything yet.
+_state_pid: int | None = None
 
 
 def cpu_count() -> int:
@@ -119,7 +122,9 @@ def capped(requested: int | None) -> int:
 def apply(threads: int | None = None) -> int:
     """Limit this process to ``threads`` (default :func:`budget`) in every numeric library,
     loaded or not; returns the number. Idempotent and cheap: call it wherever a task starts."""
-    global _applied, _interop_set, _reported
+    global _applied, _interop_set, _reported, _state_pid
+    if _state_pid != os.getpid():
+        _applied, _reported, _state_pid = None, frozenset(), os.getpid()
     n = threads or budget()
     for name in THREAD_ENV:
         os.environ[name] = str(n)
