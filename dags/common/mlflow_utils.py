@@ -71,8 +71,30 @@ def tracking_uri() -> str:
 
 
 def configure() -> MlflowClient:
+    """Point MLflow at the tracking server; every task's first MLflow call comes through here."""
+    route_mlflow_logs()
     mlflow.set_tracking_uri(tracking_uri())
     return MlflowClient()
+
+
+def route_mlflow_logs() -> None:
+    """Inside an Airflow task, send MLflow's log records to the task log at their own level.
+
+    MLflow gives its ``mlflow`` logger a handler of its own that writes to stderr and stops
+    propagation; a worker's task runner logs every stderr line at ERROR, so an INFO message such as
+    "Waiting up to 300 seconds for model version to finish creation" became an ERROR line in a
+    successful task. Removing that handler lets the records propagate to Airflow's handler, which
+    keeps their level. Outside Airflow (CLI, bench) MLflow's own handler stays.
+    """
+    from scripts import threads
+
+    if not threads.in_airflow_task():
+        return
+    logger = logging.getLogger("mlflow")
+    kept = [h for h in logger.handlers if type(getattr(h, "stream", None)).__name__ != "MlflowLoggingStream"]
+    if len(kept) != len(logger.handlers) or not logger.propagate:
+        logger.handlers = kept
+        logger.propagate = True
 
 
 def ensure_experiment(name: str) -> str:

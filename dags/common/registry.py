@@ -46,7 +46,6 @@ from mlflow.tracking import MlflowClient
 from common import config, mlflow_utils
 from common.config import PromotionGate, WorkflowConfig
 from common.mlflow_utils import configure
-from scripts import progress
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +194,6 @@ def log_evaluation(run_id: str, metrics: Mapping[str, float], champion_version: 
     """The evaluate step's MLflow side, shared by every workflow: metrics, the champion they were
     compared with (what ``decide`` re-checks), and files ``write_artifacts(folder)`` writes,
     logged under ``evaluation/``."""
-    progress.route_library_logs()
     with mlflow_utils.reopen_run(run_id):
         mlflow.log_metrics(dict(metrics))
         mlflow.set_tag(TAG_EVALUATED_AGAINST, champion_version or NO_CHAMPION)
@@ -210,7 +208,6 @@ def register_and_decide(workflow: WorkflowConfig, trained: Mapping[str, Any], ev
     """The register step every workflow shares: register the trained model as challenger (with
     its lineage tags and the git commit), then apply the workflow's gate against the champion
     that evaluation scored on the same data."""
-    progress.route_library_logs()
     metrics = evaluated["metrics"]
     version = register_challenger(workflow.model_name, trained["model_uri"], trained["run_id"], metrics,
                                   tags={**tags, "git_commit": mlflow_utils.git_commit()})

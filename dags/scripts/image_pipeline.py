@@ -103,7 +103,6 @@ def train(dataset: str, snapshot: Mapping[str, Any], params: Mapping[str, Any] |
     task_threads = threads.apply()  # before torch / TensorFlow load: they size their pools once
     import mlflow
 
-    progress.route_library_logs()  # MLflow's INFO lines are not ERROR lines
     cfg = train_config(dataset, params)
     workflow = config.get(DAG_IDS[dataset])
     arrays = image_data.load_snapshot(str(snapshot["uri"]))

@@ -51,7 +51,6 @@ def train(snapshot: Mapping[str, Any], params: Mapping[str, Any] | None,
     import pandas
     from mlflow.models import infer_signature
 
-    progress.route_library_logs()  # MLflow's INFO lines are not ERROR lines
     cfg = config.get(DAG_ID)
     mp = model_params(params)
     table = power_model.build_features(power_data.load_snapshot(str(snapshot["uri"])))

@@ -154,7 +154,6 @@ def train(lake_uri: str, day: date, params: Mapping[str, Any] | None, who: Airfl
 
     from scripts.tick_pyfunc import TickVolatilityModel
 
-    progress.route_library_logs()  # MLflow's INFO lines are not ERROR lines
     cfg = config.get(DAG_ID)
     mp = model_params(params)
     lake = Lake.open(lake_uri)
