@@ -88,14 +88,16 @@ def test_backfill_rebuilds_each_day_once(tmp_path):
         trained = client.xcom(DAG_ID, by_day["2026-01-07"], "train")
         assert trained["train_days"] == ["2026-01-05", "2026-01-06"]
 
-        # Reprocessing re-runs the same three runs (cleared, second try of every task).
+        # Reprocessing re-runs the same three runs (cleared: a later try of every task). Usually the
+        # second try; a third when a creation attempt cleared the runs and then hit SQLite's lock
+        # (tools/backfill.py retries it, and the retry clears them again).
         backfill("--reprocess-behavior", "completed")
         wait_backfills_completed(client, timeout=900)
         rerun = backfill_runs(client)
         assert len(rerun) == 3 and all(r["state"] == "success" for r in rerun), rerun
         for run_id in by_day.values():
             tries = {t["task_id"]: t["try_number"] for t in client.task_instances(DAG_ID, run_id)}
-            assert tries["build_features"] == 2, tries
+            assert tries["build_features"] >= 2, tries
         assert feature_files(lake) == first  # same files, same bytes: one partition per day
     finally:
         subprocess.run([stack, "down"], env=env, timeout=120)
