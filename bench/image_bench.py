@@ -22,8 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "dags"))
 
-from scripts import image_data  # noqa: E402
-from scripts.image_common import TrainConfig  # noqa: E402
+from scripts.image import data as image_data  # noqa: E402
+from scripts.image.base import TrainConfig  # noqa: E402
 
 
 def available_devices() -> list[str]:
@@ -60,9 +60,9 @@ def main() -> int:
               f"prepared in {time.perf_counter() - started:.1f} s", flush=True)
         for framework in args.frameworks:
             if framework == "tensorflow":
-                from scripts.image_keras import train_keras as train
+                from scripts.image.keras_trainer import train_keras as train
             else:
-                from scripts.image_torch import train_torch as train
+                from scripts.image.torch_trainer import train_torch as train
             for device in devices:
                 for profile in args.profiles:
                     cfg = TrainConfig(dataset=dataset, profile=profile, framework=framework,

@@ -3,7 +3,7 @@ time, and each DAG file's parse time. Prints figures; asserts nothing (targets l
 
     .venv/bin/python bench/power_bench.py [--data ../shared/data] [--repeats 3]
 
-No MLflow or Airflow needed: it runs the trainer's pure core (scripts/power_model.py).
+No MLflow or Airflow needed: it runs the trainer's pure core (scripts/power/model.py).
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "dags"))
 
-from scripts import power_data, power_model  # noqa: E402
+from scripts.power import data as power_data  # noqa: E402
+from scripts.power import model as power_model  # noqa: E402
 
 
 def dag_parse_seconds(repeats: int) -> dict[str, tuple[float, float]]:

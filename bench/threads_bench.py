@@ -1,6 +1,6 @@
 """Two tasks side by side on shared cores: an MNIST epoch alone and beside a power training run,
 with every library at its default thread count and with the task thread budget
-(``VTM_TASK_THREADS``, scripts/threads.py). Prints figures; asserts nothing.
+(``VTM_TASK_THREADS``, scripts/core/threads.py). Prints figures; asserts nothing.
 
     .venv/bin/python bench/threads_bench.py [--data ../shared/data] [--profile smoke] [--repeats 3]
 
@@ -22,13 +22,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "dags"))
 
-from scripts import image_data, threads  # noqa: E402
-from scripts.image_common import TrainConfig  # noqa: E402
+from scripts.core import threads  # noqa: E402
+from scripts.image import data as image_data  # noqa: E402
+from scripts.image.base import TrainConfig  # noqa: E402
 
 POWER_LOOP = r"""
 import sys, time
 sys.path.insert(0, sys.argv[1])
-from scripts import power_data, power_model, threads
+from scripts.power import data as power_data
+from scripts.power import model as power_model
+from scripts.core import threads
 threads.apply()
 raw, name = power_data.read_source_bytes(__import__("pathlib").Path(sys.argv[2]))
 table = power_model.build_features(power_data.to_hourly(power_data.parse_minutes(raw, name)))
@@ -39,7 +42,7 @@ while True:
 
 
 def epochs(arrays, profile: str, repeats: int) -> list[float]:
-    from scripts.image_torch import train_torch
+    from scripts.image.torch_trainer import train_torch
 
     seconds: list[float] = []
     for seed in range(repeats):

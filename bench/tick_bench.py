@@ -23,7 +23,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "dags"), str(ROOT)]
 
-from scripts import tick_features, tick_import, tick_lake, tick_model  # noqa: E402
+from scripts.tick import features as tick_features  # noqa: E402
+from scripts.tick import importer as tick_import  # noqa: E402
+from scripts.tick import lake as tick_lake  # noqa: E402
+from scripts.tick import model as tick_model  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

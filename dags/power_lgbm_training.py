@@ -33,7 +33,7 @@ def power_lgbm_training() -> None:
         """Check the run's parameters, then fetch, validate, and snapshot the data; returns its
         URI and data version."""
         from common.failures import permanent_errors_fail_fast
-        from scripts import power_pipeline
+        from scripts.power import pipeline as power_pipeline
 
         with permanent_errors_fail_fast():  # bad params or data fail the same on every try
             # What the Param schema cannot reject (an unknown key: Airflow passes it through)
@@ -46,7 +46,7 @@ def power_lgbm_training() -> None:
         """Fit and log the model; returns the MLflow run id and model URI."""
         from common.failures import permanent_errors_fail_fast
         from common.mlflow_utils import AirflowIdentity
-        from scripts import power_pipeline
+        from scripts.power import pipeline as power_pipeline
 
         with permanent_errors_fail_fast():
             who = AirflowIdentity.from_context(context)
@@ -55,7 +55,7 @@ def power_lgbm_training() -> None:
     @task
     def evaluate(snapshot: dict, trained: dict) -> dict:
         """Score model, baselines and champion on the same final 8 weeks."""
-        from scripts import power_pipeline
+        from scripts.power import pipeline as power_pipeline
 
         return power_pipeline.evaluate(snapshot, trained)
 
@@ -64,7 +64,7 @@ def power_lgbm_training() -> None:
     def register(snapshot: dict, trained: dict, evaluated: dict, **context) -> dict:
         """Register the challenger; promote to champion only through the gate."""
         from common.mlflow_utils import AirflowIdentity
-        from scripts import power_pipeline
+        from scripts.power import pipeline as power_pipeline
 
         who = AirflowIdentity.from_context(context)
         return power_pipeline.register(snapshot, trained, evaluated, who)

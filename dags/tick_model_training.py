@@ -35,7 +35,7 @@ def tick_model_training() -> None:
     def wait_for_trades(**context) -> PokeReturnValue:
         """Done when the day's trade partitions are complete; returns the day."""
         from common.failures import permanent_errors_fail_fast
-        from scripts import tick_pipeline
+        from scripts.tick import pipeline as tick_pipeline
 
         with permanent_errors_fail_fast():  # a bad parameter fails now, not after hours of waiting
             # What the Param schema cannot reject (an unknown key: Airflow passes it through).
@@ -51,7 +51,7 @@ def tick_model_training() -> None:
         from datetime import date
 
         from common.failures import permanent_errors_fail_fast
-        from scripts import tick_pipeline
+        from scripts.tick import pipeline as tick_pipeline
 
         with permanent_errors_fail_fast():
             limit = float(context["params"]["max_bad_share"])
@@ -62,7 +62,7 @@ def tick_model_training() -> None:
         """(Re)build the day's feature partition; returns its URI, hash and throughput."""
         from datetime import date
 
-        from scripts import tick_pipeline
+        from scripts.tick import pipeline as tick_pipeline
 
         return tick_pipeline.build_features(config.tick_lake(), date.fromisoformat(validated["day"]))
 
@@ -75,7 +75,7 @@ def tick_model_training() -> None:
 
         from common.failures import permanent_errors_fail_fast
         from common.mlflow_utils import AirflowIdentity
-        from scripts import tick_pipeline
+        from scripts.tick import pipeline as tick_pipeline
 
         with permanent_errors_fail_fast():
             try:
@@ -89,7 +89,7 @@ def tick_model_training() -> None:
         """Score model, baselines and champion on the same day."""
         from datetime import date
 
-        from scripts import tick_pipeline
+        from scripts.tick import pipeline as tick_pipeline
 
         return tick_pipeline.evaluate(config.tick_lake(), date.fromisoformat(built["day"]), built, trained)
 
@@ -97,7 +97,7 @@ def tick_model_training() -> None:
     def register(validated: dict, trained: dict, evaluated: dict, **context) -> dict:
         """Register the challenger; promote to champion only through the gate."""
         from common.mlflow_utils import AirflowIdentity
-        from scripts import tick_pipeline
+        from scripts.tick import pipeline as tick_pipeline
 
         return tick_pipeline.register(validated, trained, evaluated, AirflowIdentity.from_context(context))
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from scripts import image_data
+from scripts.image import data as image_data
 from tests.test_image_data import CIFAR_CLASSES, add_member, encode, idx_bytes
 
 

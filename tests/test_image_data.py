@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scripts import image_data
-from scripts.errors import DataSourceError, DataValidationError
+from scripts.core.errors import DataSourceError, DataValidationError
+from scripts.image import data as image_data
 from tests.helpers import SHARED_DATA, serve_directory
 
 CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")

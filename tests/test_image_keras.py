@@ -8,9 +8,9 @@ import json
 import numpy as np
 import pytest
 
-from scripts.image_common import ImageArrays, TrainConfig, subset
+from scripts.image.base import ImageArrays, TrainConfig, subset
 
-ik = pytest.importorskip("scripts.image_keras")
+ik = pytest.importorskip("scripts.image.keras_trainer")
 keras = pytest.importorskip("keras")
 
 
@@ -144,7 +144,7 @@ def test_cuda_without_gpu_is_an_error():
 
     if tf.config.list_physical_devices("GPU"):
         pytest.skip("a GPU is present")
-    from scripts.errors import TrainingError
+    from scripts.core.errors import TrainingError
 
     with pytest.raises(TrainingError, match="no GPU"):  # permanent: never retried
         ik.train_keras(MNIST_LIKE, TrainConfig(dataset="mnist", framework="tensorflow", device="cuda"))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from scripts import image_pipeline
-from scripts.errors import ParameterError
-from scripts.image_common import ImageArrays, TrainConfig
+from scripts.core.errors import ParameterError
+from scripts.image import pipeline as image_pipeline
+from scripts.image.base import ImageArrays, TrainConfig
 from tests.image_synth import learnable
 
 
@@ -39,7 +39,7 @@ def digits() -> ImageArrays:
 
 
 def test_torch_smoke_learns_and_reports(digits):
-    from scripts.image_torch import train_torch
+    from scripts.image.torch_trainer import train_torch
 
     seen = []
     result = train_torch(digits, TrainConfig("mnist", "smoke"), on_epoch=seen.append)
@@ -52,7 +52,7 @@ def test_torch_smoke_learns_and_reports(digits):
 
 
 def test_torch_resume_continues_from_the_checkpoint(digits, tmp_path):
-    from scripts.image_torch import train_torch
+    from scripts.image.torch_trainer import train_torch
 
     cfg = TrainConfig("mnist", "smoke", epochs=3)
 
@@ -72,8 +72,8 @@ def test_torch_resume_continues_from_the_checkpoint(digits, tmp_path):
 def test_a_diverging_run_fails_for_good_before_its_checkpoint(digits, tmp_path, monkeypatch):
     """A non-finite loss (a run that diverged) is a TrainingError (never retried), raised before
     that epoch is checkpointed or reported. The divergence is forced: the loss is made NaN."""
-    from scripts import image_torch
-    from scripts.errors import TrainingError
+    from scripts.core.errors import TrainingError
+    from scripts.image import torch_trainer as image_torch
 
     cross_entropy = image_torch.F.cross_entropy
     monkeypatch.setattr(image_torch.F, "cross_entropy", lambda *a, **k: cross_entropy(*a, **k) * float("nan"))
@@ -87,8 +87,8 @@ def test_a_diverging_run_fails_for_good_before_its_checkpoint(digits, tmp_path, 
 def test_cuda_without_a_gpu_fails_for_good():
     import torch
 
-    from scripts.errors import TrainingError
-    from scripts.image_torch import train_torch
+    from scripts.core.errors import TrainingError
+    from scripts.image.torch_trainer import train_torch
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")

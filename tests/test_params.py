@@ -1,4 +1,4 @@
-"""The one run-parameter parser (scripts.params) behind all three workflows: every bad value is a
+"""The one run-parameter parser (scripts.core.params) behind all three workflows: every bad value is a
 ParameterError naming its field, before any work; strings from the command lines are cast."""
 
 from __future__ import annotations
@@ -8,9 +8,12 @@ import math
 import pytest
 
 from common import config
-from scripts import image_pipeline, params, power_pipeline, tick_pipeline
-from scripts.errors import ParameterError
-from scripts.image_common import TrainConfig
+from scripts.core import params
+from scripts.core.errors import ParameterError
+from scripts.image import pipeline as image_pipeline
+from scripts.image.base import TrainConfig
+from scripts.power import pipeline as power_pipeline
+from scripts.tick import pipeline as tick_pipeline
 
 
 @pytest.mark.parametrize(("conf", "field"), [

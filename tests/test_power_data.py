@@ -7,8 +7,8 @@ import zipfile
 import numpy as np
 import pytest
 
-from scripts import power_data
-from scripts.errors import DataSourceError, DataValidationError
+from scripts.core.errors import DataSourceError, DataValidationError
+from scripts.power import data as power_data
 from tests.helpers import serve_directory
 from tests.uci_synth import HEADER, uci_lines, write_uci_file
 

@@ -9,8 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from scripts import power_data, power_model, power_pipeline
-from scripts.errors import TrainingError
+from scripts.core.errors import TrainingError
+from scripts.power import data as power_data
+from scripts.power import model as power_model
+from scripts.power import pipeline as power_pipeline
 
 SMALL = dict(eval_weeks=2, validation_weeks=2, num_boost_round=200)
 

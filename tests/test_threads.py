@@ -1,4 +1,4 @@
-"""The task thread budget (scripts/threads.py): where it comes from and what applying it sets."""
+"""The task thread budget (scripts/core/threads.py): where it comes from and what applying it sets."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts import threads
+from scripts.core import threads
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,7 +90,7 @@ def test_apply_sets_env_torch_and_polars_in_a_fresh_process():
     Polars' pool and the OpenMP/BLAS variables all hold the budget."""
     probe = (
         "import json, sys; sys.path.insert(0, 'dags');"
-        "from scripts import threads; n = threads.apply();"
+        "from scripts.core import threads; n = threads.apply();"
         "import polars, torch; threads.apply();"
         "torch.ones(64, 64) @ torch.ones(64, 64);"
         "print(json.dumps({'n': n, 'torch': torch.get_num_threads(), 'interop': torch.get_num_interop_threads(),"

@@ -10,8 +10,11 @@ import numpy as np
 import polars as pl
 import pytest
 
-from scripts import tick_features, tick_import, tick_lake, tick_model
-from scripts.errors import DataValidationError
+from scripts.core.errors import DataValidationError
+from scripts.tick import features as tick_features
+from scripts.tick import importer as tick_import
+from scripts.tick import lake as tick_lake
+from scripts.tick import model as tick_model
 
 DAY = date(2026, 1, 6)
 
@@ -107,8 +110,8 @@ def test_model_walk_forward_beats_persistence_on_simulated_days(lake):
 
 
 def test_run_params_are_checked():
-    from scripts import tick_pipeline
-    from scripts.errors import ParameterError
+    from scripts.core.errors import ParameterError
+    from scripts.tick import pipeline as tick_pipeline
 
     params = tick_pipeline.model_params({"trade_date": "2013-10-09", "max_bad_share": 0.1, "train_days": "5"})
     assert params.train_days == 5 and params.max_depth == tick_model.ModelParams().max_depth

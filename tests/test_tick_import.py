@@ -11,8 +11,10 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from scripts import tick_import, tick_lake, tick_pipeline
-from scripts.errors import DataValidationError
+from scripts.core.errors import DataValidationError
+from scripts.tick import importer as tick_import
+from scripts.tick import lake as tick_lake
+from scripts.tick import pipeline as tick_pipeline
 
 HEADER = "symbol,time,price,size,exchange,sale_condition,suspicious"
 DAY = date(2013, 10, 8)

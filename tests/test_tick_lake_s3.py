@@ -12,7 +12,10 @@ from datetime import date
 
 import pytest
 
-from scripts import tick_features, tick_import, tick_lake, tick_pipeline
+from scripts.tick import features as tick_features
+from scripts.tick import importer as tick_import
+from scripts.tick import lake as tick_lake
+from scripts.tick import pipeline as tick_pipeline
 from tests.helpers import free_port
 from tests.test_tick_import import BAD, GOOD, write_csv
 

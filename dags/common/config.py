@@ -60,7 +60,7 @@ class ParamSpec:
     From this one declaration come: the DAG's typed ``airflow.sdk.Param`` (the trigger form in the
     UI shows every knob with its default and meaning, and the API and CLI reject a value outside
     the schema when the run is triggered), the parser that checks a run's parameters before
-    ``prepare`` does any work (``scripts.params``: the same types and bounds, plus what a schema
+    ``prepare`` does any work (``scripts.core.params``: the same types and bounds, plus what a schema
     cannot say - unknown keys, cross-field rules), and the docs table (``python
     dags/common/config.py params-table``).
 
@@ -170,7 +170,7 @@ POWER_PARAMS: tuple[ParamSpec, ...] = (
     _int("ensemble_size", 3, "Boosters refit with different seeds and averaged into one",
          minimum=1, maximum=20),
     _int("num_threads", 0, "Most LightGBM threads, within the task's thread budget "
-         "(scripts/threads.py); 0: the whole budget", minimum=0, maximum=256),
+         "(scripts/core/threads.py); 0: the whole budget", minimum=0, maximum=256),
 )
 
 TICK_PARAMS: tuple[ParamSpec, ...] = (
@@ -191,10 +191,10 @@ TICK_PARAMS: tuple[ParamSpec, ...] = (
     _number("reg_lambda", 5.0, "L2 regularisation of leaf weights", minimum=0),
     _int("seed", 7, "Random seed", minimum=0),
     _int("nthread", 0, "Most XGBoost threads, within the task's thread budget "
-         "(scripts/threads.py); 0: the whole budget", minimum=0, maximum=256),
+         "(scripts/core/threads.py); 0: the whole budget", minimum=0, maximum=256),
 )
 
-# The image workflows: scripts.image_common.TrainConfig's fields (the data set aside, fixed by
+# The image workflows: scripts.image.base.TrainConfig's fields (the data set aside, fixed by
 # the DAG). PROFILES and FRAMEWORKS must match image_common's (the integrity test checks).
 IMAGE_PROFILES = ("smoke", "fast", "quality")
 IMAGE_FRAMEWORKS = ("pytorch", "tensorflow")

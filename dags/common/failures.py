@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-from scripts.errors import DataValidationError, ParameterError, TrainingError
+from scripts.core.errors import DataValidationError, ParameterError, TrainingError
 
 PERMANENT = (DataValidationError, ParameterError, TrainingError)
 

@@ -22,7 +22,7 @@ def build(dataset: str, cfg: WorkflowConfig) -> tuple[Any, Any, Any, Any]:
         """Check the run's parameters, then fetch, validate and snapshot the images; returns the
         snapshot URI and data version."""
         from common.failures import permanent_errors_fail_fast
-        from scripts import image_pipeline
+        from scripts.image import pipeline as image_pipeline
 
         with permanent_errors_fail_fast():
             # What the Param schema cannot reject (an unknown key: Airflow passes it through)
@@ -35,7 +35,7 @@ def build(dataset: str, cfg: WorkflowConfig) -> tuple[Any, Any, Any, Any]:
         """Train (resuming from the last epoch checkpoint on a retry); log to MLflow."""
         from common.failures import permanent_errors_fail_fast
         from common.mlflow_utils import AirflowIdentity
-        from scripts import image_pipeline
+        from scripts.image import pipeline as image_pipeline
 
         with permanent_errors_fail_fast():
             who = AirflowIdentity.from_context(context)
@@ -44,7 +44,7 @@ def build(dataset: str, cfg: WorkflowConfig) -> tuple[Any, Any, Any, Any]:
     @task
     def evaluate(snapshot: dict, trained: dict) -> dict:
         """The logged model, a nearest-centroid baseline and the champion on the same images."""
-        from scripts import image_pipeline
+        from scripts.image import pipeline as image_pipeline
 
         return image_pipeline.evaluate(dataset, snapshot, trained)
 
@@ -52,7 +52,7 @@ def build(dataset: str, cfg: WorkflowConfig) -> tuple[Any, Any, Any, Any]:
     def register(snapshot: dict, trained: dict, evaluated: dict, **context) -> dict:
         """Register the challenger; promote only through the gate (smoke never promotes)."""
         from common.mlflow_utils import AirflowIdentity
-        from scripts import image_pipeline
+        from scripts.image import pipeline as image_pipeline
 
         who = AirflowIdentity.from_context(context)
         return image_pipeline.register(dataset, snapshot, trained, evaluated, who)

@@ -86,7 +86,7 @@ def route_mlflow_logs() -> None:
     successful task. Removing that handler lets the records propagate to Airflow's handler, which
     keeps their level. Outside Airflow (CLI, bench) MLflow's own handler stays.
     """
-    from scripts import threads
+    from scripts.core import threads
 
     if not threads.in_airflow_task():
         return

@@ -7,7 +7,7 @@ drop, a lakehouse job) runs the importer. In an upstream DAG::
 
     import_trades(["/data/drops/trades_2013-10-09.csv.gz"])
 
-The task validates and writes the partitions (``scripts.tick_import``) and fails, naming them,
+The task validates and writes the partitions (``scripts.tick.importer``) and fails, naming them,
 when a partition's bad-row share passes the limit in ``common/config.py``; the training run for
 that day then fails its own validation too, so nothing is trained on it.
 """
@@ -24,8 +24,8 @@ def import_trades(files: list[str], synthetic: bool = False) -> list[dict]:
 
     from common import config
     from common.failures import permanent_errors_fail_fast
-    from scripts import tick_import
-    from scripts.errors import DataValidationError
+    from scripts.core.errors import DataValidationError
+    from scripts.tick import importer as tick_import
 
     with permanent_errors_fail_fast():  # a bad file stays bad: no retries
         reports = tick_import.import_files(config.tick_lake(), [Path(f) for f in files], synthetic=synthetic)

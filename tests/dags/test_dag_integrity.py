@@ -92,12 +92,12 @@ def test_tick_workflow_waits_for_data_and_outranks_the_others(dagbag):
     assert [t.task_id for t in dag.topological_sort()][:3] == ["wait_for_trades", "validate", "build_features"]
 
 
-# The trainer settings each workflow's run parameters parse into (scripts.params.build).
+# The trainer settings each workflow's run parameters parse into (scripts.core.params.build).
 TRAINER_SETTINGS = {
-    "power_lgbm_training": ("scripts.power_model", "ModelParams"),
-    "tick_model_training": ("scripts.tick_model", "ModelParams"),
-    "mnist_cnn_training": ("scripts.image_common", "TrainConfig"),
-    "cifar10_cnn_training": ("scripts.image_common", "TrainConfig"),
+    "power_lgbm_training": ("scripts.power.model", "ModelParams"),
+    "tick_model_training": ("scripts.tick.model", "ModelParams"),
+    "mnist_cnn_training": ("scripts.image.base", "TrainConfig"),
+    "cifar10_cnn_training": ("scripts.image.base", "TrainConfig"),
 }
 PY_TYPES = {"integer": (int,), "number": (int, float), "string": (str,), "boolean": (bool,)}
 
@@ -162,7 +162,7 @@ def test_param_defaults_are_the_trainers_defaults(dag_id):
 
 
 def test_image_enums_are_the_trainers():
-    from scripts import image_common
+    from scripts.image import base as image_common
 
     assert config.IMAGE_PROFILES == image_common.PROFILES
     assert config.IMAGE_FRAMEWORKS == image_common.FRAMEWORKS

@@ -179,7 +179,7 @@ def test_the_local_cluster_runs_the_compose_files_workers(raw):
 
 
 def test_each_worker_tells_its_tasks_its_concurrency(raw):
-    """A task sizes its threads to cores // the worker's concurrency (dags/scripts/threads.py), and
+    """A task sizes its threads to cores // the worker's concurrency (dags/scripts/core/threads.py), and
     a task process cannot see the worker's --concurrency flag: the environment says the same."""
     for spec in cluster.compose_workers(raw):
         env = raw["services"][spec.service]["environment"]

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from scripts import tick_import, tick_lake
+from scripts.tick import importer as tick_import
+from scripts.tick import lake as tick_lake
 from tests.helpers import free_port
 from tools.airflow_api import AirflowClient
 from tools.backfill import create_backfill

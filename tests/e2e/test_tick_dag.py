@@ -10,7 +10,8 @@ import mlflow
 import pytest
 
 from common import config, mlflow_utils, registry
-from scripts import tick_import, tick_lake
+from scripts.tick import importer as tick_import
+from scripts.tick import lake as tick_lake
 from tests.test_tick_import import GOOD, write_csv
 
 pytestmark = pytest.mark.e2e

@@ -25,8 +25,12 @@ import polars as pl
 import pytest
 
 from common import config, mlflow_utils, registry
-from scripts import image_data, power_data, tick_import, tick_lake, tick_pipeline
-from scripts.errors import DataValidationError
+from scripts.core.errors import DataValidationError
+from scripts.image import data as image_data
+from scripts.power import data as power_data
+from scripts.tick import importer as tick_import
+from scripts.tick import lake as tick_lake
+from scripts.tick import pipeline as tick_pipeline
 from tests.test_image_data import idx_bytes, write_cifar_python, write_mnist
 from tests.test_tick_import import HEADER as TICK_HEADER
 from tests.test_tick_import import many_rows

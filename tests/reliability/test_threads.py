@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts import threads
+from scripts.core import threads
 from tests.reliability.test_logs import lines, run_supervised
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 BUSY_PROBE = r"""
 import json, os, sys
 sys.path.insert(0, "dags")
-from scripts import threads
+from scripts.core import threads
 threads.apply()
 import numpy as np, torch, lightgbm
 
@@ -90,7 +90,7 @@ def test_supervised_train_task_gets_its_share(airflow_db, mlflow_server, tmp_pat
     dag = DagBag(str(ROOT / "dags")).dags["mnist_cnn_training"]
     dag_run = dag.test(run_conf={"profile": "smoke", "framework": "pytorch"}, mark_success_pattern=".*")
     run_supervised(dag, dag_run, "prepare", tmp_path)
-    budget_lines = [line for line in lines(run_supervised(dag, dag_run, "train", tmp_path), "scripts.threads")
+    budget_lines = [line for line in lines(run_supervised(dag, dag_run, "train", tmp_path), "scripts.core.threads")
                     if "torch intra-op" in line]
     assert budget_lines, "the trainer reports the thread counts torch really uses"
     assert re.search(r"task thread budget: 1 of \d+ cores", budget_lines[-1]), budget_lines

@@ -26,9 +26,10 @@ import time
 from dataclasses import dataclass
 from datetime import date
 
-from scripts import threads, tick_lake
-from scripts.errors import DataValidationError
-from scripts.tick_lake import Lake
+from scripts.core import threads
+from scripts.core.errors import DataValidationError
+from scripts.tick import lake as tick_lake
+from scripts.tick.lake import Lake
 
 EXCHANGE_TZ = "America/New_York"
 OPEN_MINUTE, SESSION_MINUTES = 9 * 60 + 30, 390
@@ -172,7 +173,7 @@ def _warm_up(day: date) -> None:
 
 def build_day(lake_uri: str, day: date) -> BuildResult:
     """(Re)build the feature partition of ``day`` from its trade partitions; atomic, idempotent."""
-    from scripts.tick_import import parquet_bytes
+    from scripts.tick.importer import parquet_bytes
 
     threads.apply()  # before Polars loads (POLARS_MAX_THREADS is read once, at import)
     lake = Lake.open(lake_uri)

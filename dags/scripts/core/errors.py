@@ -37,7 +37,7 @@ class TrainingError(PipelineError):
 class ParameterError(PipelineError, ValueError):
     """A run parameter is unknown, has the wrong type or is out of bounds; ``field`` names it.
 
-    Raised by ``scripts.params`` (the one parser of run parameters) before a run does any work.
+    Raised by ``scripts.core.params`` (the one parser of run parameters) before a run does any work.
     """
 
     def __init__(self, message: str, *, field: str | None = None) -> None:

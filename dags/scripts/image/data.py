@@ -22,7 +22,7 @@ plus ``manifest.json``; the version is a hash of the arrays themselves, so the s
 the same version whichever format or mirror they came from, and an existing version is reused,
 never rewritten.
 
-CLI (from dags/): ``python -m scripts.image_data {mnist|cifar10} [--source PATH] [--out DIR]``
+CLI (from dags/): ``python -m scripts.image.data {mnist|cifar10} [--source PATH] [--out DIR]``
 prints the snapshot as JSON.
 """
 
@@ -46,10 +46,10 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image
 
-from scripts import snapshots
-from scripts.errors import DataSourceError, DataValidationError, ParameterError
-from scripts.image_common import ImageArrays
-from scripts.sources import fetch
+from scripts.core import snapshots
+from scripts.core.errors import DataSourceError, DataValidationError, ParameterError
+from scripts.core.sources import fetch
+from scripts.image.base import ImageArrays
 
 log = logging.getLogger(__name__)
 

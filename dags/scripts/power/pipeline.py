@@ -4,7 +4,7 @@ evaluate, register. The DAG calls them one per task; the CLI runs them all in on
 Between steps only small dicts travel (snapshot URI and data version, MLflow run id and model URI,
 metrics): exactly what Airflow passes through XCom.
 
-CLI: ``python -m scripts.power_pipeline [--source FILE] [--param key=value ...]`` prints one
+CLI: ``python -m scripts.power.pipeline [--source FILE] [--param key=value ...]`` prints one
 ``VTM_PROGRESS::{json}`` line per step and ``VTM_RUN_META::{json}`` once; exit 0 only on success.
 """
 
@@ -21,8 +21,10 @@ from typing import Any
 
 from common import config, mlflow_utils, registry
 from common.mlflow_utils import AirflowIdentity
-from scripts import params as run_params
-from scripts import power_data, power_model, progress, threads
+from scripts.core import params as run_params
+from scripts.core import progress, threads
+from scripts.power import data as power_data
+from scripts.power import model as power_model
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +33,7 @@ DAG_ID = "power_lgbm_training"
 
 def model_params(overrides: Mapping[str, Any] | None) -> power_model.ModelParams:
     """DAG params / trigger conf / ``--param`` strings -> ModelParams, typed and bounded by the
-    specs in ``common.config`` (scripts.params); an unknown key or a bad value is a
+    specs in ``common.config`` (scripts.core.params); an unknown key or a bad value is a
     ParameterError naming the field, never silently ignored."""
     return run_params.build(power_model.ModelParams, config.get(DAG_ID).run_params, overrides, DAG_ID)
 

@@ -29,9 +29,9 @@ validation fails on it before anything downstream is written.
 
 CLI::
 
-    python -m scripts.tick_import import --lake LAKE FILE [FILE ...] [--synthetic]
-    python -m scripts.tick_import simulate --lake LAKE --start 2026-01-05 --days 3
-    python -m scripts.tick_import seed --lake LAKE [--mirror DIR]   # mirror ticks, else simulated
+    python -m scripts.tick.importer import --lake LAKE FILE [FILE ...] [--synthetic]
+    python -m scripts.tick.importer simulate --lake LAKE --start 2026-01-05 --days 3
+    python -m scripts.tick.importer seed --lake LAKE [--mirror DIR]   # mirror ticks, else simulated
 """
 
 from __future__ import annotations
@@ -47,9 +47,9 @@ from pathlib import Path
 from typing import Any
 
 from common import config
-from scripts import tick_lake
-from scripts.errors import DataValidationError
-from scripts.tick_lake import Lake
+from scripts.core.errors import DataValidationError
+from scripts.tick import lake as tick_lake
+from scripts.tick.lake import Lake
 
 VENDOR_COLUMNS = ("symbol", "time", "price", "size", "exchange", "sale_condition", "suspicious")
 EXCHANGE_TZ = "America/New_York"
@@ -251,7 +251,7 @@ def seed(lake_uri: str, mirror: Path | None, simulate_start: date = date(2026, 1
     if files:
         reports = import_files(lake_uri, files)
     else:
-        from scripts import tick_simulate
+        from scripts.tick import simulate as tick_simulate
 
         reports = tick_simulate.simulate_into(lake_uri, simulate_start, simulate_days)
     return sorted({date.fromisoformat(r.day) for r in reports})
@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
             return _print_reports(import_files(args.lake, args.files, synthetic=args.synthetic,
                                                max_bad_share=args.max_bad_share))
         if args.command == "simulate":
-            from scripts import tick_simulate
+            from scripts.tick import simulate as tick_simulate
 
             return _print_reports(tick_simulate.simulate_into(args.lake, args.start, args.days, args.seed))
         print(json.dumps([d.isoformat() for d in seed(args.lake, args.mirror)]))

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from scripts.image_common import EpochResult
+from scripts.image.base import EpochResult
 
 
 def _pyplot():

@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from scripts import progress, threads
-from scripts.errors import TrainingError
-from scripts.tick_features import FEATURES, TARGET
+from scripts.core import progress, threads
+from scripts.core.errors import TrainingError
+from scripts.tick.features import FEATURES, TARGET
 
 HAR_FEATURES = ("log_rv_5", "log_rv_30", "log_rv_day")
 PERSISTENCE_FEATURE = "log_rv_5"
@@ -50,7 +50,7 @@ class ModelParams:
     colsample_bytree: float = 0.8
     reg_lambda: float = 5.0
     seed: int = 7
-    nthread: int = 0  # 0: the task's whole thread budget (scripts/threads.py)
+    nthread: int = 0  # 0: the task's whole thread budget (scripts/core/threads.py)
 
 
 def labelled(frame):

@@ -6,7 +6,7 @@ Every step is idempotent for its day: features are rebuilt byte-identically, a r
 continues its MLflow run, and registration happens once per run. That is what makes
 ``airflow backfill create`` over a date range safe to repeat.
 
-CLI (no Airflow needed): ``python -m scripts.tick_pipeline --day 2013-10-09 [--lake L]``
+CLI (no Airflow needed): ``python -m scripts.tick.pipeline --day 2013-10-09 [--lake L]``
 runs every step for one day against the configured MLflow server.
 """
 
@@ -26,10 +26,13 @@ from typing import Any
 
 from common import config, mlflow_utils, registry
 from common.mlflow_utils import AirflowIdentity
-from scripts import params as run_params
-from scripts import progress, threads, tick_features, tick_lake, tick_model
-from scripts.errors import DataValidationError, ParameterError, PipelineError
-from scripts.tick_lake import Lake
+from scripts.core import params as run_params
+from scripts.core import progress, threads
+from scripts.core.errors import DataValidationError, ParameterError, PipelineError
+from scripts.tick import features as tick_features
+from scripts.tick import lake as tick_lake
+from scripts.tick import model as tick_model
+from scripts.tick.lake import Lake
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +63,7 @@ def trade_day(params: Mapping[str, Any], logical_date: datetime | None,
 
 def model_params(params: Mapping[str, Any] | None) -> tick_model.ModelParams:
     """DAG params -> ModelParams, every parameter (``trade_date`` and ``max_bad_share`` too)
-    typed and bounded by the specs in ``common.config`` (scripts.params); unknown keys fail."""
+    typed and bounded by the specs in ``common.config`` (scripts.core.params); unknown keys fail."""
     return run_params.build(tick_model.ModelParams, SPECS, params, DAG_ID)
 
 
@@ -73,7 +76,7 @@ def validate(lake_uri: str, day: date, max_bad_share: float) -> dict[str, Any]:
     threads.apply()
     import pyarrow.parquet as pq
 
-    from scripts.tick_import import SCHEMA_VERSION
+    from scripts.tick.importer import SCHEMA_VERSION
 
     lake = Lake.open(lake_uri)
     symbols = lake.symbols(day)
@@ -152,7 +155,7 @@ def train(lake_uri: str, day: date, params: Mapping[str, Any] | None, who: Airfl
     import xgboost
     from mlflow.models import infer_signature
 
-    from scripts.tick_pyfunc import TickVolatilityModel
+    from scripts.tick.pyfunc import TickVolatilityModel
 
     cfg = config.get(DAG_ID)
     mp = model_params(params)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import mlflow.pyfunc
 
-from scripts.tick_model import HarXgbModel
+from scripts.tick.model import HarXgbModel
 
 
 class TickVolatilityModel(mlflow.pyfunc.PythonModel):

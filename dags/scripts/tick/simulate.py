@@ -128,7 +128,7 @@ def write_vendor_files(folder: Path, start: date, days: int, seed: int = 7,
 def simulate_into(lake_uri: str, start: date, days: int, seed: int = 7,
                   symbols: tuple[SymbolSpec, ...] = DEFAULT_SYMBOLS):
     """Simulate ``days`` weekdays from ``start`` and import them, flagged synthetic."""
-    from scripts import tick_import
+    from scripts.tick import importer as tick_import
 
     with tempfile.TemporaryDirectory(prefix="vtm-sim-") as tmp:
         files = write_vendor_files(Path(tmp), start, days, seed, symbols)

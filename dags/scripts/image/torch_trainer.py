@@ -23,9 +23,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from scripts import threads
-from scripts.errors import TrainingError
-from scripts.image_common import (
+from scripts.core import threads
+from scripts.core.errors import TrainingError
+from scripts.image.base import (
     EpochCallback,
     EpochResult,
     ImageArrays,

@@ -49,7 +49,7 @@ PROFILE_TABLE: dict[str, dict[str, Profile]] = {
 @dataclass(frozen=True)
 class TrainConfig:
     """A run's settings. From run parameters, build it with ``image_pipeline.train_config``
-    (``scripts.params``: typed, bounded, unknown keys rejected, each error naming the field); the
+    (``scripts.core.params``: typed, bounded, unknown keys rejected, each error naming the field); the
     defaults are the DAGs' (``common.config``; the integrity test checks they agree)."""
 
     dataset: str  # "mnist" | "cifar10"
@@ -121,7 +121,7 @@ def ensure_converging(result: EpochResult) -> None:
     import math
 
     if not math.isfinite(result.train_loss):
-        from scripts.errors import TrainingError
+        from scripts.core.errors import TrainingError
 
         raise TrainingError(f"training diverged: train loss {result.train_loss} at epoch "
                             f"{result.epoch}/{result.total_epochs}; lower learning_rate or use the profile's")

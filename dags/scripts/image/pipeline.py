@@ -4,7 +4,7 @@ run manager can drive the trainer from the command line.
 
 CLI (from dags/):
 
-    python -m scripts.image_pipeline --dataset mnist --profile smoke --framework pytorch \
+    python -m scripts.image.pipeline --dataset mnist --profile smoke --framework pytorch \
         [--source PATH] [--run-id ID] [--epochs N] [--steps all|train]
 
 prints ``VTM_RUN_META::{"mlflow_run_id": ...}`` once, when the MLflow run is open, and
@@ -30,9 +30,11 @@ import numpy as np
 
 from common import config, mlflow_utils, registry
 from common.mlflow_utils import AirflowIdentity
-from scripts import image_data, image_plots, progress, threads
-from scripts import params as run_params
-from scripts.image_common import EpochResult, TrainConfig, TrainResult, subset
+from scripts.core import params as run_params
+from scripts.core import progress, threads
+from scripts.image import data as image_data
+from scripts.image import plots as image_plots
+from scripts.image.base import EpochResult, TrainConfig, TrainResult, subset
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +45,7 @@ TUNABLE = tuple(spec.name for spec in config.get(DAG_IDS["mnist"]).run_params)
 
 def train_config(dataset: str, params: Mapping[str, Any] | None) -> TrainConfig:
     """DAG params / trigger conf / CLI flags -> TrainConfig, typed and bounded by the specs in
-    ``common.config`` (scripts.params): unknown keys and bad values (``epochs`` 0, a bool, a
+    ``common.config`` (scripts.core.params): unknown keys and bad values (``epochs`` 0, a bool, a
     negative learning rate, an unknown profile) are a ParameterError naming the field."""
     dag_id = DAG_IDS[dataset]
     return run_params.build(TrainConfig, config.get(dag_id).run_params, params, dag_id, dataset=dataset)
@@ -57,10 +59,10 @@ def checkpoint_dir(dag_id: str, run_id: str, framework: str) -> Path:
 
 def trainer(framework: str):
     if framework == "tensorflow":
-        from scripts.image_keras import train_keras
+        from scripts.image.keras_trainer import train_keras
 
         return train_keras
-    from scripts.image_torch import train_torch
+    from scripts.image.torch_trainer import train_torch
 
     return train_torch
 
@@ -90,7 +92,7 @@ def _log_model(result: TrainResult, framework: str, example: np.ndarray):
 
     with torch.no_grad():
         logits = result.model(torch.from_numpy(example)).numpy()
-    # The pickled module refers to scripts.image_torch: ship that package with the model.
+    # The pickled module refers to scripts.image.torch_trainer: ship that package with the model.
     return mlflow.pytorch.log_model(
         result.model, name="model", signature=infer_signature(example, logits), input_example=example,
         code_paths=[str(Path(__file__).resolve().parent)],
@@ -147,7 +149,7 @@ def _accuracy(model_uri: str, images: np.ndarray, labels: np.ndarray) -> float:
     import mlflow
 
     if "tensorflow" in mlflow.models.get_model_info(model_uri).flavors:
-        import scripts.image_keras  # noqa: F401 - registers the custom layers the model uses
+        import scripts.image.keras_trainer  # noqa: F401 - registers the custom layers the model uses
     model = mlflow.pyfunc.load_model(model_uri)
     logits = np.concatenate([np.asarray(model.predict(images[i:i + 1000].astype("float32")))
                              for i in range(0, len(images), 1000)])

@@ -13,7 +13,7 @@ An hour's mean is kept only when at least ``MIN_MINUTES_PER_HOUR`` readings exis
 hour is missing (NaN). Long outages therefore stay visible as gaps instead of being interpolated
 into data that never existed; features and metrics skip them explicitly.
 
-CLI: ``python -m scripts.power_data [--source FILE] [--out DIR]`` prints the snapshot as JSON.
+CLI: ``python -m scripts.power.data [--source FILE] [--out DIR]`` prints the snapshot as JSON.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from scripts import snapshots
-from scripts.errors import DataValidationError
-from scripts.sources import fetch
+from scripts.core import snapshots
+from scripts.core.errors import DataValidationError
+from scripts.core.sources import fetch
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
-from scripts.errors import DataSourceError
+from scripts.core.errors import DataSourceError
 
 log = logging.getLogger(__name__)
 

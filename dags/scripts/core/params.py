@@ -12,7 +12,7 @@ by the pipelines' command lines:
 * it types values strictly: a bool is not an integer, ``0`` epochs is not "the default", NaN is
   not a number, ``3.5`` is not an integer; a string that spells the exact type ("300", "0.1",
   "true") is cast, because the command lines (``--param num_boost_round=300``) give strings;
-* every error is a :class:`~scripts.errors.ParameterError` naming the workflow and the field, which
+* every error is a :class:`~scripts.core.errors.ParameterError` naming the workflow and the field, which
   ``common.failures.permanent_errors_fail_fast`` turns into a failure without retries.
 
 Pure: standard library and ``common.config`` only (no Airflow, no MLflow, no numpy).
@@ -28,7 +28,7 @@ from datetime import date
 from typing import Any, TypeVar
 
 from common.config import ParamSpec
-from scripts.errors import ParameterError
+from scripts.core.errors import ParameterError
 
 T = TypeVar("T")
 

@@ -22,8 +22,8 @@ from datetime import date, timedelta
 import numpy as np
 import pandas as pd
 
-from scripts import progress, threads
-from scripts.errors import TrainingError
+from scripts.core import progress, threads
+from scripts.core.errors import TrainingError
 
 TARGET = "global_active_power"
 SIDE_COLUMNS = ("global_reactive_power", "voltage", "sub_metering_1", "sub_metering_2",
@@ -48,7 +48,7 @@ class ModelParams:
     early_stopping_rounds: int = 100
     seed: int = 7
     ensemble_size: int = 3  # boosters refit with seeds seed, seed+1, ... and averaged into one
-    num_threads: int = 0  # 0: the task's whole thread budget (scripts/threads.py)
+    num_threads: int = 0  # 0: the task's whole thread budget (scripts/core/threads.py)
 
     def lgb_params(self) -> dict[str, object]:
         return {
@@ -247,7 +247,7 @@ def fit(table: FeatureTable, params: ModelParams, progress_label: str = "power_l
             f"validation hours before the {params.eval_weeks}-week evaluation window")
     X, y = table.features, table.target
     started = time.perf_counter()
-    # ModelParams.num_threads caps the task's thread budget (scripts/threads.py); 0: the budget.
+    # ModelParams.num_threads caps the task's thread budget (scripts/core/threads.py); 0: the budget.
     lgb_params = {**params.lgb_params(), "num_threads": threads.capped(params.num_threads)}
     train_set = lgb.Dataset(X[train_mask], y[train_mask], free_raw_data=False)
     val_set = lgb.Dataset(X[val_mask], y[val_mask], reference=train_set)

@@ -33,7 +33,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from scripts import threads  # noqa: E402
+from scripts.core import threads  # noqa: E402
 
 threads.apply()  # TensorFlow reads its pool sizes (TF_NUM_*_THREADS) when its runtime starts
 
@@ -50,8 +50,8 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from keras import layers  # noqa: E402
 
-from scripts.errors import TrainingError  # noqa: E402
-from scripts.image_common import (  # noqa: E402
+from scripts.core.errors import TrainingError  # noqa: E402
+from scripts.image.base import (  # noqa: E402
     EpochCallback,
     EpochResult,
     ImageArrays,
