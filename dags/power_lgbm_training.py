@@ -32,7 +32,7 @@ def power_lgbm_training() -> None:
     def prepare(**context) -> dict:
         """Check the run's parameters, then fetch, validate, and snapshot the data; returns its
         URI and data version."""
-        from common.failures import permanent_errors_fail_fast
+        from common.alerts import permanent_errors_fail_fast
         from scripts.power import pipeline as power_pipeline
 
         with permanent_errors_fail_fast():  # bad params or data fail the same on every try
@@ -44,7 +44,7 @@ def power_lgbm_training() -> None:
     @task
     def train(snapshot: dict, **context) -> dict:
         """Fit and log the model; returns the MLflow run id and model URI."""
-        from common.failures import permanent_errors_fail_fast
+        from common.alerts import permanent_errors_fail_fast
         from common.mlflow_utils import AirflowIdentity
         from scripts.power import pipeline as power_pipeline
 

@@ -34,7 +34,8 @@ def tick_model_training() -> None:
                  mode="reschedule")
     def wait_for_trades(**context) -> PokeReturnValue:
         """Done when the day's trade partitions are complete; returns the day."""
-        from common.failures import permanent_errors_fail_fast
+        from common.alerts import permanent_errors_fail_fast
+        from scripts.core import paths
         from scripts.tick import pipeline as tick_pipeline
 
         with permanent_errors_fail_fast():  # a bad parameter fails now, not after hours of waiting
@@ -42,7 +43,7 @@ def tick_model_training() -> None:
             tick_pipeline.model_params(context["params"])
             day = tick_pipeline.trade_day(context["params"], context.get("logical_date"),
                                           context["dag_run"].run_after)
-        ready = tick_pipeline.partition_ready(config.tick_lake(), day)
+        ready = tick_pipeline.partition_ready(paths.tick_lake(), day)
         return PokeReturnValue(is_done=ready, xcom_value=day.isoformat())
 
     @task
@@ -50,21 +51,23 @@ def tick_model_training() -> None:
         """Every symbol partition usable, or a clear failure; returns the trades' data version."""
         from datetime import date
 
-        from common.failures import permanent_errors_fail_fast
+        from common.alerts import permanent_errors_fail_fast
+        from scripts.core import paths
         from scripts.tick import pipeline as tick_pipeline
 
         with permanent_errors_fail_fast():
             limit = float(context["params"]["max_bad_share"])
-            return tick_pipeline.validate(config.tick_lake(), date.fromisoformat(day), limit)
+            return tick_pipeline.validate(paths.tick_lake(), date.fromisoformat(day), limit)
 
     @task
     def build_features(validated: dict) -> dict:
         """(Re)build the day's feature partition; returns its URI, hash and throughput."""
         from datetime import date
 
+        from scripts.core import paths
         from scripts.tick import pipeline as tick_pipeline
 
-        return tick_pipeline.build_features(config.tick_lake(), date.fromisoformat(validated["day"]))
+        return tick_pipeline.build_features(paths.tick_lake(), date.fromisoformat(validated["day"]))
 
     @task
     def train(built: dict, **context) -> dict:
@@ -73,13 +76,14 @@ def tick_model_training() -> None:
 
         from airflow.sdk.exceptions import AirflowSkipException
 
-        from common.failures import permanent_errors_fail_fast
+        from common.alerts import permanent_errors_fail_fast
         from common.mlflow_utils import AirflowIdentity
+        from scripts.core import paths
         from scripts.tick import pipeline as tick_pipeline
 
         with permanent_errors_fail_fast():
             try:
-                return tick_pipeline.train(config.tick_lake(), date.fromisoformat(built["day"]),
+                return tick_pipeline.train(paths.tick_lake(), date.fromisoformat(built["day"]),
                                            context["params"], AirflowIdentity.from_context(context))
             except tick_pipeline.NotEnoughHistory as exc:
                 raise AirflowSkipException(str(exc)) from None
@@ -89,9 +93,10 @@ def tick_model_training() -> None:
         """Score model, baselines and champion on the same day."""
         from datetime import date
 
+        from scripts.core import paths
         from scripts.tick import pipeline as tick_pipeline
 
-        return tick_pipeline.evaluate(config.tick_lake(), date.fromisoformat(built["day"]), built, trained)
+        return tick_pipeline.evaluate(paths.tick_lake(), date.fromisoformat(built["day"]), built, trained)
 
     @task(pool=config.REGISTRY_POOL.name)  # one promotion at a time, across all workflows
     def register(validated: dict, trained: dict, evaluated: dict, **context) -> dict:

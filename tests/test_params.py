@@ -88,11 +88,11 @@ def test_valid_values_are_typed_and_cli_strings_cast():
 
 
 def test_boolean_and_string_types():
-    flag = config.ParamSpec("flag", "boolean", False, "a flag")
+    flag = params.ParamSpec("flag", "boolean", False, "a flag")
     assert params.check(flag, "true") is True and params.check(flag, False) is False
     with pytest.raises(ParameterError, match="flag"):
         params.check(flag, 1)
-    name = config.ParamSpec("name", "string", "a", "a name")
+    name = params.ParamSpec("name", "string", "a", "a name")
     with pytest.raises(ParameterError, match="name"):
         params.check(name, 3)
     with pytest.raises(ParameterError, match="name"):

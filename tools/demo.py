@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "dags"), str(ROOT)]
 
 from common import config  # noqa: E402
+from scripts.core import paths  # noqa: E402
 from tools.airflow_api import AirflowClient  # noqa: E402
 from tools.backfill import create_backfill  # noqa: E402
 
@@ -62,9 +63,9 @@ def prepare_inputs(workflows: list[config.WorkflowConfig]) -> dict[str, dict]:
     if "tick_model_training" in confs:
         from scripts.tick import importer as tick_import
 
-        days = tick_import.seed(config.tick_lake(), config.data_mirror())
+        days = tick_import.seed(paths.tick_lake(), paths.data_mirror())
         SEEDED_TICK_DAYS[:] = days
-        print(f"tick lake {config.tick_lake()}: trade days {[d.isoformat() for d in days]}", flush=True)
+        print(f"tick lake {paths.tick_lake()}: trade days {[d.isoformat() for d in days]}", flush=True)
         confs["tick_model_training"]["trade_date"] = days[-1].isoformat()
     return confs
 

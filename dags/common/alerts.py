@@ -1,4 +1,4 @@
-"""Failure, retry and success callbacks every DAG uses.
+"""Failure, retry and success callbacks every DAG uses, and which failures are worth a retry.
 
 Channels are Airflow connections, so credentials live in the secrets backend, never in code:
 
@@ -28,10 +28,12 @@ import logging
 import os
 import smtplib
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from email.message import EmailMessage
 from typing import Any
+
+from scripts.core.errors import DataValidationError, ParameterError, TrainingError
 
 log = logging.getLogger(__name__)
 
@@ -178,20 +180,17 @@ def mark_mlflow_run_failed(context: Mapping[str, Any]) -> str | None:
         ti = context.get("ti") or context.get("task_instance")
         if str(getattr(ti, "state", "") or "").endswith("up_for_retry"):
             return None  # a retry continues the same run (mlflow_utils.task_run resumes it)
-        from common import config
-
-        workflow = config.WORKFLOWS.get(alert.dag_id)
-        if workflow is None or not alert.task_id:
+        if not alert.task_id:
             return None
         with _bounded_mlflow_requests():
             from common import mlflow_utils
 
             client = mlflow_utils.configure()
-            experiment = client.get_experiment_by_name(workflow.experiment)
-            if experiment is None:
-                return None
+            # Every experiment is searched (there is one per workflow): the run's Airflow tags
+            # identify it, and this module stays below common.config, which wires its callbacks.
+            experiments = [e.experiment_id for e in client.search_experiments()]
             who = mlflow_utils.AirflowIdentity(alert.dag_id, alert.run_id, alert.task_id)
-            run_id = mlflow_utils.find_task_run(experiment.experiment_id, who)
+            run_id = mlflow_utils.find_task_run(experiments, who) if experiments else None
             if run_id is None:
                 return None
             reason = alert.message or "task failed (killed, timed out or lost; see the task log)"
@@ -226,3 +225,21 @@ def on_success(context: Mapping[str, Any]) -> None:
 def task_callbacks() -> dict[str, Callable[[Mapping[str, Any]], None]]:
     """For ``default_args``: every task alerts on failure and on retry."""
     return {"on_failure_callback": on_failure, "on_retry_callback": on_retry}
+
+
+# Which failures are worth a retry: bad input data, a bad parameter or an untrainable data set
+# fail the same way on every try, so retrying only delays the alert.
+PERMANENT = (DataValidationError, ParameterError, TrainingError)
+
+
+@contextlib.contextmanager
+def permanent_errors_fail_fast() -> Iterator[None]:
+    """Inside a task: turn a permanent error into Airflow's ``AirflowFailException`` (fail now, no
+    retries, callbacks still fire); everything else (network, a killed worker, a busy server) is
+    left to the task's retries."""
+    try:
+        yield
+    except PERMANENT as exc:
+        from airflow.sdk.exceptions import AirflowFailException
+
+        raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc

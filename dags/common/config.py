@@ -15,10 +15,12 @@ import os
 import sys
 from dataclasses import dataclass, field
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+if not __package__:  # run as a file (`python dags/common/config.py pools`): dags/ is not on the path
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from scripts.core.params import ParamSpec, integer, number  # noqa: E402 - after the path fix above
 
 
 @dataclass(frozen=True)
@@ -53,95 +55,6 @@ class PromotionGate:
         return value <= self.threshold
 
 
-@dataclass(frozen=True)
-class ParamSpec:
-    """One run parameter of a workflow, declared once.
-
-    From this one declaration come: the DAG's typed ``airflow.sdk.Param`` (the trigger form in the
-    UI shows every knob with its default and meaning, and the API and CLI reject a value outside
-    the schema when the run is triggered), the parser that checks a run's parameters before
-    ``prepare`` does any work (``scripts.core.params``: the same types and bounds, plus what a schema
-    cannot say - unknown keys, cross-field rules), and the docs table (``python
-    dags/common/config.py params-table``).
-
-    ``type`` is a JSON-schema type: integer | number | string | boolean. A parameter whose default
-    is None is nullable: None means "not set" (the profile's epochs, the logical date's day).
-    """
-
-    name: str
-    type: str
-    default: object
-    description: str
-    enum: tuple[object, ...] | None = None
-    minimum: float | None = None
-    maximum: float | None = None
-    exclusive_minimum: float | None = None
-    format: str | None = None  # JSON-schema format, e.g. "date" (YYYY-MM-DD)
-
-    def __post_init__(self) -> None:
-        if self.type not in JSON_TYPES:
-            raise ValueError(f"param {self.name}: type must be one of {sorted(JSON_TYPES)}, not {self.type!r}")
-
-    @property
-    def nullable(self) -> bool:
-        return self.default is None
-
-    def schema(self) -> dict[str, object]:
-        """The JSON schema Airflow validates this parameter's value against."""
-        schema: dict[str, object] = {"type": [self.type, "null"] if self.nullable else self.type}
-        if self.enum is not None:
-            schema["enum"] = [*self.enum, None] if self.nullable else list(self.enum)
-        for key, value in (("minimum", self.minimum), ("maximum", self.maximum),
-                           ("exclusiveMinimum", self.exclusive_minimum), ("format", self.format)):
-            if value is not None:
-                schema[key] = value
-        return schema
-
-    def to_param(self) -> Any:
-        """This parameter as an ``airflow.sdk.Param`` (imported here: config.py is stdlib-only)."""
-        from airflow.sdk import Param
-
-        return Param(self.default, description=self.description, **self.schema())
-
-    def accepts(self) -> str:
-        """What the value may be, in words (the docs table and the parser's messages)."""
-        words = {"integer": "integer", "number": "number", "string": "string", "boolean": "true/false"}
-        text = ("one of " + ", ".join(str(v) for v in self.enum) if self.enum is not None
-                else words[self.type])
-        if self.format:
-            text += f" ({'YYYY-MM-DD' if self.format == 'date' else self.format})"
-        bounds = []
-        if self.exclusive_minimum is not None:
-            bounds.append(f"> {_num(self.exclusive_minimum)}")
-        if self.minimum is not None:
-            bounds.append(f">= {_num(self.minimum)}")
-        if self.maximum is not None:
-            bounds.append(f"<= {_num(self.maximum)}")
-        if bounds:
-            text += " " + ", ".join(bounds)
-        if self.nullable:
-            text += ", or null"
-        return text
-
-
-JSON_TYPES = frozenset({"integer", "number", "string", "boolean"})
-
-
-def _num(value: float) -> str:
-    return f"{value:g}"
-
-
-def _int(name: str, default: int | None, description: str, *, minimum: int | None = None,
-         maximum: int | None = None) -> ParamSpec:
-    return ParamSpec(name, "integer", default, description, minimum=minimum, maximum=maximum)
-
-
-def _number(name: str, default: float | None, description: str, *, minimum: float | None = None,
-            maximum: float | None = None, above: float | None = None) -> ParamSpec:
-    return ParamSpec(name, "number", default, description, minimum=minimum, maximum=maximum,
-                     exclusive_minimum=above)
-
-
 # ---------------------------------------------------------------------------------------------
 # Run parameters. Power and tick: one spec per field of the trainer's ModelParams (which a person
 # may tune per run); its default must equal the dataclass's - the trainer's dataclass stays the
@@ -152,45 +65,45 @@ def _number(name: str, default: float | None, description: str, *, minimum: floa
 # Bounds are those of the library underneath (LightGBM, XGBoost) or of the data: a value outside
 # them either fails deep inside training (and used to be retried) or trains a useless model.
 POWER_PARAMS: tuple[ParamSpec, ...] = (
-    _int("eval_weeks", 8, "Final weeks held out: model, baselines and champion are scored "
+    integer("eval_weeks", 8, "Final weeks held out: model, baselines and champion are scored "
          "walk-forward on them", minimum=1, maximum=104),
-    _int("validation_weeks", 8, "Weeks before the evaluation window used for early stopping",
+    integer("validation_weeks", 8, "Weeks before the evaluation window used for early stopping",
          minimum=1, maximum=104),
-    _int("num_boost_round", 2000, "Most boosting rounds (early stopping usually ends sooner)",
+    integer("num_boost_round", 2000, "Most boosting rounds (early stopping usually ends sooner)",
          minimum=1, maximum=100000),
-    _number("learning_rate", 0.03, "LightGBM shrinkage per round", above=0, maximum=1),
-    _int("num_leaves", 63, "Leaves per tree", minimum=2, maximum=131072),
-    _int("min_data_in_leaf", 40, "Fewest hourly rows in a leaf", minimum=1),
-    _number("feature_fraction", 0.5, "Share of features sampled per tree", above=0, maximum=1),
-    _number("bagging_fraction", 0.8, "Share of rows sampled per iteration", above=0, maximum=1),
-    _number("lambda_l2", 10.0, "L2 regularisation of leaf values", minimum=0),
-    _int("early_stopping_rounds", 100, "Stop after this many rounds without a better "
+    number("learning_rate", 0.03, "LightGBM shrinkage per round", above=0, maximum=1),
+    integer("num_leaves", 63, "Leaves per tree", minimum=2, maximum=131072),
+    integer("min_data_in_leaf", 40, "Fewest hourly rows in a leaf", minimum=1),
+    number("feature_fraction", 0.5, "Share of features sampled per tree", above=0, maximum=1),
+    number("bagging_fraction", 0.8, "Share of rows sampled per iteration", above=0, maximum=1),
+    number("lambda_l2", 10.0, "L2 regularisation of leaf values", minimum=0),
+    integer("early_stopping_rounds", 100, "Stop after this many rounds without a better "
          "validation MAE", minimum=1),
-    _int("seed", 7, "Random seed (ensemble member i uses seed + i)", minimum=0),
-    _int("ensemble_size", 3, "Boosters refit with different seeds and averaged into one",
+    integer("seed", 7, "Random seed (ensemble member i uses seed + i)", minimum=0),
+    integer("ensemble_size", 3, "Boosters refit with different seeds and averaged into one",
          minimum=1, maximum=20),
-    _int("num_threads", 0, "Most LightGBM threads, within the task's thread budget "
+    integer("num_threads", 0, "Most LightGBM threads, within the task's thread budget "
          "(scripts/core/threads.py); 0: the whole budget", minimum=0, maximum=256),
 )
 
 TICK_PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("trade_date", "string", None, "Trading day to process (YYYY-MM-DD); null: the "
               "run's logical date (its UTC calendar day)", format="date"),
-    _number("max_bad_share", 0.02, "Largest share of a symbol's rows the importer may have "
+    number("max_bad_share", 0.02, "Largest share of a symbol's rows the importer may have "
             "quarantined before validate fails the day", minimum=0, maximum=1),
-    _int("train_days", 20, "Rolling window of past trading days to train on", minimum=1, maximum=2520),
-    _int("max_depth", 1, "XGBoost tree depth (1: an additive correction of HAR)", minimum=1, maximum=16),
-    _number("learning_rate", 0.02, "XGBoost shrinkage (eta) per round", above=0, maximum=1),
-    _int("num_boost_round", 2000, "Most boosting rounds (early stopping usually ends sooner)",
+    integer("train_days", 20, "Rolling window of past trading days to train on", minimum=1, maximum=2520),
+    integer("max_depth", 1, "XGBoost tree depth (1: an additive correction of HAR)", minimum=1, maximum=16),
+    number("learning_rate", 0.02, "XGBoost shrinkage (eta) per round", above=0, maximum=1),
+    integer("num_boost_round", 2000, "Most boosting rounds (early stopping usually ends sooner)",
          minimum=1, maximum=100000),
-    _int("early_stopping_rounds", 200, "Stop after this many rounds without a better "
+    integer("early_stopping_rounds", 200, "Stop after this many rounds without a better "
          "validation RMSE", minimum=1),
-    _number("min_child_weight", 50.0, "Least hessian weight in a leaf", minimum=0),
-    _number("subsample", 0.8, "Share of rows sampled per tree", above=0, maximum=1),
-    _number("colsample_bytree", 0.8, "Share of features sampled per tree", above=0, maximum=1),
-    _number("reg_lambda", 5.0, "L2 regularisation of leaf weights", minimum=0),
-    _int("seed", 7, "Random seed", minimum=0),
-    _int("nthread", 0, "Most XGBoost threads, within the task's thread budget "
+    number("min_child_weight", 50.0, "Least hessian weight in a leaf", minimum=0),
+    number("subsample", 0.8, "Share of rows sampled per tree", above=0, maximum=1),
+    number("colsample_bytree", 0.8, "Share of features sampled per tree", above=0, maximum=1),
+    number("reg_lambda", 5.0, "L2 regularisation of leaf weights", minimum=0),
+    integer("seed", 7, "Random seed", minimum=0),
+    integer("nthread", 0, "Most XGBoost threads, within the task's thread budget "
          "(scripts/core/threads.py); 0: the whole budget", minimum=0, maximum=256),
 )
 
@@ -207,14 +120,22 @@ def _image_params() -> tuple[ParamSpec, ...]:
                   "never promoted), fast or quality (the real recipes)", enum=IMAGE_PROFILES),
         ParamSpec("framework", "string", "pytorch", "Trainer: PyTorch or Keras 3 (TensorFlow)",
                   enum=IMAGE_FRAMEWORKS),
-        _int("epochs", None, "Epochs; null: the profile's", minimum=1, maximum=1000),
-        _int("batch_size", None, "Images per batch; null: the profile's", minimum=1, maximum=65536),
-        _number("learning_rate", None, "Peak of the one-cycle schedule; null: the recipe's",
+        integer("epochs", None, "Epochs; null: the profile's", minimum=1, maximum=1000),
+        integer("batch_size", None, "Images per batch; null: the profile's", minimum=1, maximum=65536),
+        number("learning_rate", None, "Peak of the one-cycle schedule; null: the recipe's",
                 above=0, maximum=10),
-        _int("seed", 0, "Random seed (initialisation, shuffling, the smoke subset)", minimum=0),
+        integer("seed", 0, "Random seed (initialisation, shuffling, the smoke subset)", minimum=0),
         ParamSpec("device", "string", "auto", "Where training runs: auto (CUDA when there is one), "
                   "cpu or cuda (fails without a GPU)", enum=IMAGE_DEVICES),
     )
+
+
+def to_param(spec: ParamSpec) -> Any:
+    """A run parameter as a typed ``airflow.sdk.Param`` (imported here: config.py is stdlib-only
+    at import time, and scripts/ never imports Airflow)."""
+    from airflow.sdk import Param
+
+    return Param(spec.default, description=spec.description, **spec.schema())
 
 
 @dataclass(frozen=True)
@@ -301,7 +222,7 @@ class WorkflowConfig:
             "on_success_callback": alerts.on_success,
             # Typed Params: the trigger form shows each with its default and description, and
             # Airflow validates a run's conf against their schema when the run is created.
-            "params": {spec.name: spec.to_param() for spec in self.run_params},
+            "params": {spec.name: to_param(spec) for spec in self.run_params},
             "tags": list(self.tags),
         }
 
@@ -432,38 +353,9 @@ def pools_file_content() -> dict[str, dict[str, object]]:
     }
 
 
-# ---------------------------------------------------------------------------------------------
-# Paths: everything the stack writes lives under one folder (VTM_HOME, default <repo>/.local).
-# ---------------------------------------------------------------------------------------------
-
-
 # Airflow's [database] sql_alchemy_connect_args for the embedded stack's SQLite (tools/stack.sh):
 # wait up to 60 s for the single writer lock instead of sqlite3's default 5 s.
 SQLITE_CONNECT_ARGS: dict[str, object] = {"timeout": 60}
-
-
-def home_dir() -> Path:
-    return Path(os.environ.get("VTM_HOME", REPO_ROOT / ".local")).resolve()
-
-
-def data_dir() -> Path:
-    """Raw downloads and immutable data snapshots."""
-    return Path(os.environ.get("VTM_DATA_DIR", home_dir() / "data")).resolve()
-
-
-def data_mirror() -> Path | None:
-    """An offline mirror of the official files (layout: ../shared/data/README.md), if set."""
-    mirror = os.environ.get("DATA_MIRROR")
-    return Path(mirror).resolve() if mirror else None
-
-
-def tick_lake() -> str:
-    """Root of the tick lake: a local path or an s3:// URI (TICK_LAKE, default <VTM_HOME>/lake)."""
-    return os.environ.get("TICK_LAKE") or str(home_dir() / "lake")
-
-
-def locks_dir() -> Path:
-    return Path(os.environ.get("VTM_LOCK_DIR", home_dir() / "locks")).resolve()
 
 
 def params_table() -> str:

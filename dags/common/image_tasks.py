@@ -21,7 +21,7 @@ def build(dataset: str, cfg: WorkflowConfig) -> tuple[Any, Any, Any, Any]:
     def prepare(**context) -> dict:
         """Check the run's parameters, then fetch, validate and snapshot the images; returns the
         snapshot URI and data version."""
-        from common.failures import permanent_errors_fail_fast
+        from common.alerts import permanent_errors_fail_fast
         from scripts.image import pipeline as image_pipeline
 
         with permanent_errors_fail_fast():
@@ -33,7 +33,7 @@ def build(dataset: str, cfg: WorkflowConfig) -> tuple[Any, Any, Any, Any]:
     @task(**cfg.train_task_args())
     def train(snapshot: dict, **context) -> dict:
         """Train (resuming from the last epoch checkpoint on a retry); log to MLflow."""
-        from common.failures import permanent_errors_fail_fast
+        from common.alerts import permanent_errors_fail_fast
         from common.mlflow_utils import AirflowIdentity
         from scripts.image import pipeline as image_pipeline
 

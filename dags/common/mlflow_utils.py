@@ -30,8 +30,8 @@ from typing import Any
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from common import config
-from common.config import REPO_ROOT
+from scripts.core import paths
+from scripts.core.paths import REPO_ROOT
 
 log = logging.getLogger(__name__)
 
@@ -161,13 +161,15 @@ class AirflowIdentity:
                 TAG_URL: self.airflow_url()}
 
 
-def find_task_run(experiment_id: str, who: AirflowIdentity) -> str | None:
-    """The MLflow run an earlier try of this very task opened, if any."""
+def find_task_run(experiment_ids: str | list[str], who: AirflowIdentity) -> str | None:
+    """The MLflow run an earlier try of this very task opened, if any (in one experiment, or in
+    any of several)."""
     def quoted(value: str) -> str:
         return value.replace("'", "\\'")
 
     runs = mlflow.search_runs(
-        experiment_ids=[experiment_id], output_format="list", max_results=1,
+        experiment_ids=[experiment_ids] if isinstance(experiment_ids, str) else experiment_ids,
+        output_format="list", max_results=1,
         filter_string=(f"tags.`{TAG_DAG_ID}` = '{quoted(who.dag_id)}' AND "
                        f"tags.`{TAG_RUN_ID}` = '{quoted(who.run_id)}' AND "
                        f"tags.`{TAG_TASK_ID}` = '{quoted(who.task_id)}'"),
@@ -215,7 +217,7 @@ def task_lock(who: AirflowIdentity, poll_seconds: float = 5.0) -> Iterator[None]
     The task's execution_timeout bounds the wait.
     """
     key = hashlib.sha256(f"{who.dag_id}\0{who.run_id}\0{who.task_id}".encode()).hexdigest()[:32]
-    path = config.locks_dir() / "tasks" / f"{key}.lock"
+    path = paths.locks_dir() / "tasks" / f"{key}.lock"
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:

@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypedDict
 
 import mlflow
 from mlflow.entities.model_registry import ModelVersion
@@ -46,6 +46,7 @@ from mlflow.tracking import MlflowClient
 from common import config, mlflow_utils
 from common.config import PromotionGate, WorkflowConfig
 from common.mlflow_utils import configure
+from scripts.core import paths
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ class Decision:
 @contextlib.contextmanager
 def promotion_lock(model_name: str) -> Iterator[None]:
     """Exclusive, blocking, released even if the process dies (the kernel drops flocks)."""
-    path = config.locks_dir() / f"registry-{model_name}.lock"
+    path = paths.locks_dir() / f"registry-{model_name}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
@@ -189,21 +190,65 @@ def decide(model_name: str, version: str, gate: PromotionGate, metrics: Mapping[
     return Decision(model_name, version, decision, reason, before, after)
 
 
-def log_evaluation(run_id: str, metrics: Mapping[str, float], champion_version: str | None,
-                   write_artifacts: Callable[[str], None] | None = None) -> None:
-    """The evaluate step's MLflow side, shared by every workflow: metrics, the champion they were
-    compared with (what ``decide`` re-checks), and files ``write_artifacts(folder)`` writes,
-    logged under ``evaluation/``."""
+class Evaluated(TypedDict):
+    """What every workflow's evaluate step returns (its XCom): the challenger's metrics on the
+    evaluation data, and the champion scored on that same data (``champion_version`` None: there
+    was none; ``champion_score`` None: it could not be scored)."""
+
+    metrics: dict[str, float]
+    champion_version: str | None
+    champion_score: float | None
+
+
+@dataclass(frozen=True)
+class ChampionScore:
+    """The champion at evaluation time and its gate metric on the challenger's evaluation data."""
+
+    version: str | None  # None: there is no champion
+    score: float | None  # None: there is one, but it could not be scored (e.g. older features)
+
+
+def score_champion(workflow: WorkflowConfig, scorer: Callable[[str], Mapping[str, float]]) -> ChampionScore:
+    """The registry's half of the champion comparison: find the champion and hand its model URI
+    (the version pinned, so a promotion meanwhile cannot swap the model under us) to the
+    pipeline's ``scorer``, which returns metrics computed exactly as for the challenger. The
+    gate's metric is read from the workflow's config alone; a scorer that fails or lacks it
+    leaves the champion unscored, which ``decide`` treats as "keep the champion"."""
+    client = configure()
+    champion = alias_version(client, workflow.model_name, CHAMPION)
+    if champion is None:
+        return ChampionScore(None, None)
+    metric = workflow.gate.metric
+    try:
+        scored = scorer(f"models:/{workflow.model_name}/{champion.version}")
+        return ChampionScore(champion.version, float(scored[metric]))
+    except Exception as exc:  # noqa: BLE001 - e.g. a feature set from older code, a missing metric
+        log.warning("champion %s v%s cannot be scored on %s: %s", workflow.model_name,
+                    champion.version, metric, exc)
+        return ChampionScore(champion.version, None)
+
+
+def log_evaluation(workflow: WorkflowConfig, run_id: str, metrics: Mapping[str, float],
+                   champion: ChampionScore,
+                   write_artifacts: Callable[[str], None] | None = None) -> Evaluated:
+    """The evaluate step's MLflow side, shared by every workflow: the challenger's metrics, the
+    champion's score beside them as ``champion_<gate metric>``, the champion they were compared
+    with (what ``decide`` re-checks), and files ``write_artifacts(folder)`` writes, logged under
+    ``evaluation/``. Returns the step's XCom."""
+    logged = {k: float(v) for k, v in metrics.items()}
+    if champion.score is not None:
+        logged[CHAMPION + "_" + workflow.gate.metric] = champion.score
     with mlflow_utils.reopen_run(run_id):
-        mlflow.log_metrics(dict(metrics))
-        mlflow.set_tag(TAG_EVALUATED_AGAINST, champion_version or NO_CHAMPION)
+        mlflow.log_metrics(logged)
+        mlflow.set_tag(TAG_EVALUATED_AGAINST, champion.version or NO_CHAMPION)
         if write_artifacts is not None:
             with tempfile.TemporaryDirectory() as folder:
                 write_artifacts(folder)
                 mlflow.log_artifacts(folder, artifact_path="evaluation")
+    return Evaluated(metrics=logged, champion_version=champion.version, champion_score=champion.score)
 
 
-def register_and_decide(workflow: WorkflowConfig, trained: Mapping[str, Any], evaluated: Mapping[str, Any],
+def register_and_decide(workflow: WorkflowConfig, trained: Mapping[str, Any], evaluated: Evaluated,
                         tags: Mapping[str, str], ineligible_reason: str | None = None) -> Decision:
     """The register step every workflow shares: register the trained model as challenger (with
     its lineage tags and the git commit), then apply the workflow's gate against the champion
@@ -212,8 +257,8 @@ def register_and_decide(workflow: WorkflowConfig, trained: Mapping[str, Any], ev
     version = register_challenger(workflow.model_name, trained["model_uri"], trained["run_id"], metrics,
                                   tags={**tags, "git_commit": mlflow_utils.git_commit()})
     return decide(workflow.model_name, version, workflow.gate, metrics,
-                  champion_score=metrics.get("champion_" + workflow.gate.metric),
-                  evaluated_against=evaluated.get("champion_version"), ineligible_reason=ineligible_reason)
+                  champion_score=evaluated["champion_score"],
+                  evaluated_against=evaluated["champion_version"], ineligible_reason=ineligible_reason)
 
 
 def _judge(gate: PromotionGate, metrics: Mapping[str, float], champion_score: float | None,

@@ -22,13 +22,13 @@ def import_trades(files: list[str], synthetic: bool = False) -> list[dict]:
     """Import vendor trade files into the lake at ``TICK_LAKE``; returns one report per partition."""
     from pathlib import Path
 
-    from common import config
-    from common.failures import permanent_errors_fail_fast
+    from common.alerts import permanent_errors_fail_fast
+    from scripts.core import paths
     from scripts.core.errors import DataValidationError
     from scripts.tick import importer as tick_import
 
     with permanent_errors_fail_fast():  # a bad file stays bad: no retries
-        reports = tick_import.import_files(config.tick_lake(), [Path(f) for f in files], synthetic=synthetic)
+        reports = tick_import.import_files(paths.tick_lake(), [Path(f) for f in files], synthetic=synthetic)
         if over := [r for r in reports if r.over_limit]:
             raise DataValidationError(", ".join(files), "partitions over the bad-row limit: "
                                       + "; ".join(f"date={r.day}/symbol={r.symbol} {r.bad_share:.2%} "

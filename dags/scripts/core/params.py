@@ -1,7 +1,8 @@
 """Run parameters -> a trainer's typed settings: the one parser of all three workflows.
 
-The parameters are declared once, in ``common.config`` (``ParamSpec``: type, enum, bounds,
-default, description). Airflow validates a triggered run's conf against the same declarations
+Each workflow declares its parameters once, as ``ParamSpec``s (type, enum, bounds, default,
+description; the specs themselves live in ``common.config`` beside the rest of each workflow's
+settings, and the class is here so that this parser, which scripts/ uses, needs nothing above it). Airflow validates a triggered run's conf against the same declarations
 (typed ``Param``), so from the UI, the REST API and ``airflow dags trigger`` a bad value never
 becomes a run. This parser is the second line, run by each DAG's first task before any work and
 by the pipelines' command lines:
@@ -13,9 +14,9 @@ by the pipelines' command lines:
   not a number, ``3.5`` is not an integer; a string that spells the exact type ("300", "0.1",
   "true") is cast, because the command lines (``--param num_boost_round=300``) give strings;
 * every error is a :class:`~scripts.core.errors.ParameterError` naming the workflow and the field, which
-  ``common.failures.permanent_errors_fail_fast`` turns into a failure without retries.
+  ``common.alerts.permanent_errors_fail_fast`` turns into a failure without retries.
 
-Pure: standard library and ``common.config`` only (no Airflow, no MLflow, no numpy).
+Pure: standard library only (no Airflow, no MLflow, no numpy).
 """
 
 from __future__ import annotations
@@ -24,13 +25,96 @@ import dataclasses
 import math
 import re
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from datetime import date
 from typing import Any, TypeVar
 
-from common.config import ParamSpec
 from scripts.core.errors import ParameterError
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One run parameter of a workflow, declared once.
+
+    From this one declaration come: the DAG's typed ``airflow.sdk.Param`` (built in ``common.config``; the trigger form in the
+    UI shows every knob with its default and meaning, and the API and CLI reject a value outside
+    the schema when the run is triggered), the parser that checks a run's parameters before
+    ``prepare`` does any work (``scripts.core.params``: the same types and bounds, plus what a schema
+    cannot say - unknown keys, cross-field rules), and the docs table (``python
+    dags/common/config.py params-table``).
+
+    ``type`` is a JSON-schema type: integer | number | string | boolean. A parameter whose default
+    is None is nullable: None means "not set" (the profile's epochs, the logical date's day).
+    """
+
+    name: str
+    type: str
+    default: object
+    description: str
+    enum: tuple[object, ...] | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+    exclusive_minimum: float | None = None
+    format: str | None = None  # JSON-schema format, e.g. "date" (YYYY-MM-DD)
+
+    def __post_init__(self) -> None:
+        if self.type not in JSON_TYPES:
+            raise ValueError(f"param {self.name}: type must be one of {sorted(JSON_TYPES)}, not {self.type!r}")
+
+    @property
+    def nullable(self) -> bool:
+        return self.default is None
+
+    def schema(self) -> dict[str, object]:
+        """The JSON schema Airflow validates this parameter's value against."""
+        schema: dict[str, object] = {"type": [self.type, "null"] if self.nullable else self.type}
+        if self.enum is not None:
+            schema["enum"] = [*self.enum, None] if self.nullable else list(self.enum)
+        for key, value in (("minimum", self.minimum), ("maximum", self.maximum),
+                           ("exclusiveMinimum", self.exclusive_minimum), ("format", self.format)):
+            if value is not None:
+                schema[key] = value
+        return schema
+
+    def accepts(self) -> str:
+        """What the value may be, in words (the docs table and the parser's messages)."""
+        words = {"integer": "integer", "number": "number", "string": "string", "boolean": "true/false"}
+        text = ("one of " + ", ".join(str(v) for v in self.enum) if self.enum is not None
+                else words[self.type])
+        if self.format:
+            text += f" ({'YYYY-MM-DD' if self.format == 'date' else self.format})"
+        bounds = []
+        if self.exclusive_minimum is not None:
+            bounds.append(f"> {_num(self.exclusive_minimum)}")
+        if self.minimum is not None:
+            bounds.append(f">= {_num(self.minimum)}")
+        if self.maximum is not None:
+            bounds.append(f"<= {_num(self.maximum)}")
+        if bounds:
+            text += " " + ", ".join(bounds)
+        if self.nullable:
+            text += ", or null"
+        return text
+
+
+JSON_TYPES = frozenset({"integer", "number", "string", "boolean"})
+
+
+def _num(value: float) -> str:
+    return f"{value:g}"
+
+
+def integer(name: str, default: int | None, description: str, *, minimum: int | None = None,
+         maximum: int | None = None) -> ParamSpec:
+    return ParamSpec(name, "integer", default, description, minimum=minimum, maximum=maximum)
+
+
+def number(name: str, default: float | None, description: str, *, minimum: float | None = None,
+            maximum: float | None = None, above: float | None = None) -> ParamSpec:
+    return ParamSpec(name, "number", default, description, minimum=minimum, maximum=maximum,
+                     exclusive_minimum=above)
 
 _INT = re.compile(r"[+-]?\d+")
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")

@@ -46,7 +46,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image
 
-from scripts.core import snapshots
+from scripts.core import paths, snapshots
 from scripts.core.errors import DataSourceError, DataValidationError, ParameterError
 from scripts.core.sources import fetch
 from scripts.image.base import ImageArrays
@@ -184,11 +184,10 @@ def check_labels(labels: np.ndarray, name: str | Path, field: str) -> None:
 
 def fetch_mnist() -> Path:
     """The folder holding the four official files: the mirror's ``mnist/`` or the download cache."""
-    from common import config
 
     fetched = [
         fetch(f"mnist/{filename}", [base + filename for base in MNIST_URL_BASES],
-              config.data_dir() / "raw", config.data_mirror())
+              paths.data_dir() / "raw", paths.data_mirror())
         for filename in MNIST_FILES.values()
     ]
     return fetched[0].parent
@@ -440,16 +439,15 @@ def read_cifar(source: Path) -> tuple[ImageArrays, str]:
 
 def fetch_cifar() -> Path:
     """The mirror's official python tarball, else its ImageFolder tarball; else download."""
-    from common import config
 
-    mirror = config.data_mirror()
+    mirror = paths.data_mirror()
     if mirror is not None and not (mirror / CIFAR_PYTHON_PATH).is_file():
         tarballs = sorted((mirror / "cifar10").glob("*.tar.gz"))
         if not tarballs:
             raise DataSourceError(f"DATA_MIRROR={mirror} has no {CIFAR_PYTHON_PATH} "
                                   "nor any ImageFolder tarball cifar10/*.tar.gz")
         return tarballs[0]
-    return fetch(CIFAR_PYTHON_PATH, CIFAR_URLS, config.data_dir() / "raw", mirror)
+    return fetch(CIFAR_PYTHON_PATH, CIFAR_URLS, paths.data_dir() / "raw", mirror)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -543,7 +541,6 @@ def load_snapshot(uri: str) -> ImageArrays:
 
 def prepare(dataset: str, source: Path | None = None, out_root: Path | None = None) -> ImageSnapshot:
     """Fetch (mirror or download) or read ``source``, validate, and snapshot ``dataset``."""
-    from common import config  # stdlib-only, but keep scripts importable without dags/ on path
 
     if dataset not in DATASETS:
         raise ParameterError(f"dataset must be one of {DATASETS}, not {dataset!r}")
@@ -559,7 +556,7 @@ def prepare(dataset: str, source: Path | None = None, out_root: Path | None = No
         (arrays, fmt), where, where_split = read_cifar(path), str(path), None
     validate(arrays, dataset, where, where_split)
     read_seconds = time.perf_counter() - started
-    out_root = out_root or config.data_dir() / dataset / "snapshots"
+    out_root = out_root or paths.data_dir() / dataset / "snapshots"
     snapshot = write_snapshot(arrays, dataset, out_root, source=where, fmt=fmt)
     log.info("%s snapshot %s: %d train + %d test images from %s (%s, read in %.1f s, total %.1f s)",
              dataset, snapshot.data_version, snapshot.n_train, snapshot.n_test, where, fmt,

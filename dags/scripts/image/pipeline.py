@@ -31,7 +31,7 @@ import numpy as np
 from common import config, mlflow_utils, registry
 from common.mlflow_utils import AirflowIdentity
 from scripts.core import params as run_params
-from scripts.core import progress, threads
+from scripts.core import paths, progress, threads
 from scripts.image import data as image_data
 from scripts.image import plots as image_plots
 from scripts.image.base import EpochResult, TrainConfig, TrainResult, subset
@@ -54,7 +54,7 @@ def train_config(dataset: str, params: Mapping[str, Any] | None) -> TrainConfig:
 def checkpoint_dir(dag_id: str, run_id: str, framework: str) -> Path:
     """Per Airflow run (not per try): a retry finds what the killed try saved."""
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", run_id)
-    return config.data_dir() / "checkpoints" / dag_id / safe / framework
+    return paths.data_dir() / "checkpoints" / dag_id / safe / framework
 
 
 def trainer(framework: str):
@@ -177,18 +177,10 @@ def evaluate(dataset: str, snapshot: Mapping[str, Any], trained: Mapping[str, An
     metrics = {"test_accuracy": _accuracy(trained["model_uri"], data.x_test, data.y_test),
                "baseline_accuracy": _nearest_centroid_accuracy(
                    data.x_train, data.y_train, data.x_test, data.y_test, len(arrays.classes))}
-    client = mlflow_utils.configure()
-    champion = registry.alias_version(client, workflow.model_name, registry.CHAMPION)
-    if champion is not None:
-        try:
-            metrics["champion_test_accuracy"] = _accuracy(
-                f"models:/{workflow.model_name}@{registry.CHAMPION}", data.x_test, data.y_test)
-        except Exception as exc:  # noqa: BLE001 - an unloadable champion cannot be compared
-            log.warning("champion v%s cannot be scored: %s", champion.version, exc)
+    champion = registry.score_champion(
+        workflow, lambda uri: {"test_accuracy": _accuracy(uri, data.x_test, data.y_test)})
     metrics["evaluate_seconds"] = time.perf_counter() - started
-    registry.log_evaluation(trained["run_id"], metrics, champion.version if champion else None)
-    return {"metrics": metrics, "champion_version": champion.version if champion else None,
-            "profile": cfg.profile}
+    return {**registry.log_evaluation(workflow, trained["run_id"], metrics, champion), "profile": cfg.profile}
 
 
 def register(dataset: str, snapshot: Mapping[str, Any], trained: Mapping[str, Any],

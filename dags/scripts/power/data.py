@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from scripts.core import snapshots
+from scripts.core import paths, snapshots
 from scripts.core.errors import DataValidationError
 from scripts.core.sources import fetch
 
@@ -245,11 +245,10 @@ def load_snapshot(uri: str) -> pd.DataFrame:
 
 def prepare(source: Path | None = None, out_root: Path | None = None) -> Snapshot:
     """Fetch (mirror or download), validate, aggregate and snapshot the UCI file."""
-    from common import config  # stdlib-only, but keep scripts importable without dags/ on path
 
     if source is None:
-        source = fetch(MIRROR_PATH, OFFICIAL_URLS, config.data_dir() / "raw", config.data_mirror())
-    out_root = out_root or config.data_dir() / "power" / "snapshots"
+        source = fetch(MIRROR_PATH, OFFICIAL_URLS, paths.data_dir() / "raw", paths.data_mirror())
+    out_root = out_root or paths.data_dir() / "power" / "snapshots"
     raw, name = read_source_bytes(Path(source))
     hourly = to_hourly(parse_minutes(raw, name))
     snapshot = write_snapshot(hourly, out_root, source=name)

@@ -85,26 +85,7 @@ def train(snapshot: Mapping[str, Any], params: Mapping[str, Any] | None,
                 "window_start": str(result.window_start)}
 
 
-def _champion_score(model_name: str, table: power_model.FeatureTable, window_start) -> tuple[
-        str | None, dict[str, float] | None]:
-    """The current champion's metrics on this very evaluation data (None if none or unusable)."""
-    import mlflow
-
-    client = mlflow_utils.configure()
-    champion = registry.alias_version(client, model_name, registry.CHAMPION)
-    if champion is None:
-        return None, None
-    try:
-        booster = mlflow.lightgbm.load_model(f"models:/{model_name}@{registry.CHAMPION}")
-        features = booster.feature_name()
-        scored = power_model.score(lambda X: booster.predict(X[features]), table, window_start)
-        return champion.version, scored.metrics
-    except Exception as exc:  # noqa: BLE001 - e.g. a feature set from older code
-        log.warning("champion v%s cannot be scored on this data: %s", champion.version, exc)
-        return champion.version, None
-
-
-def evaluate(snapshot: Mapping[str, Any], trained: Mapping[str, str]) -> dict[str, Any]:
+def evaluate(snapshot: Mapping[str, Any], trained: Mapping[str, str]) -> registry.Evaluated:
     """Score model, baselines and champion on the same window; log metrics and plots."""
     threads.apply()
     mlflow_utils.configure()  # before the first load: the server may be known only by its connection
@@ -117,19 +98,21 @@ def evaluate(snapshot: Mapping[str, Any], trained: Mapping[str, str]) -> dict[st
     window_start = pandas.Timestamp(trained["window_start"])
     booster = mlflow.lightgbm.load_model(trained["model_uri"])
     evaluation = power_model.score(booster.predict, table, window_start)
-    champion_version, champion_metrics = _champion_score(cfg.model_name, table, window_start)
-    metrics = dict(evaluation.metrics)
-    if champion_metrics is not None:
-        metrics["champion_mae"] = champion_metrics["mae"]
-    metrics["evaluate_seconds"] = time.perf_counter() - started
+
+    def score(model_uri: str) -> dict[str, float]:  # the champion, exactly as the challenger
+        champion = mlflow.lightgbm.load_model(model_uri)
+        features = champion.feature_name()
+        return power_model.score(lambda X: champion.predict(X[features]), table, window_start).metrics
+
+    champion = registry.score_champion(cfg, score)
+    metrics = {**evaluation.metrics, "evaluate_seconds": time.perf_counter() - started}
 
     def artifacts(folder: str) -> None:
         power_model.plot_forecast(evaluation.frame, f"{folder}/forecast_vs_actual.png")
         power_model.plot_importance(booster, f"{folder}/feature_importance.png")
         evaluation.frame.to_csv(f"{folder}/eval_forecasts.csv", index=False)
 
-    registry.log_evaluation(trained["run_id"], metrics, champion_version, artifacts)
-    return {"metrics": metrics, "champion_version": champion_version}
+    return registry.log_evaluation(cfg, trained["run_id"], metrics, champion, artifacts)
 
 
 def register(snapshot: Mapping[str, Any], trained: Mapping[str, str],

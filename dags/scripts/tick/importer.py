@@ -46,7 +46,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
-from common import config
+from scripts.core import paths
 from scripts.core.errors import DataValidationError
 from scripts.tick import lake as tick_lake
 from scripts.tick.lake import Lake
@@ -54,9 +54,8 @@ from scripts.tick.lake import Lake
 VENDOR_COLUMNS = ("symbol", "time", "price", "size", "exchange", "sale_condition", "suspicious")
 EXCHANGE_TZ = "America/New_York"
 SESSION_START, SESSION_END = (4, 0), (20, 0)  # pre-market open to after-hours close, New York
-# The same limit the training DAG enforces (one source: common/config.py).
-DEFAULT_MAX_BAD_SHARE = float(config.get("tick_model_training").params["max_bad_share"])
-SCHEMA_VERSION = 1
+DEFAULT_MAX_BAD_SHARE = tick_lake.MAX_BAD_SHARE
+SCHEMA_VERSION = tick_lake.SCHEMA_VERSION
 
 
 @dataclass
@@ -269,7 +268,7 @@ def _print_reports(reports: list[PartitionReport]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Import trade files into the tick lake.")
-    parser.add_argument("--lake", default=str(config.tick_lake()), help="lake root (path or s3://)")
+    parser.add_argument("--lake", default=str(paths.tick_lake()), help="lake root (path or s3://)")
     sub = parser.add_subparsers(dest="command", required=True)
     imp = sub.add_parser("import", help="validate and import vendor CSV files")
     imp.add_argument("files", nargs="+", type=Path)
@@ -280,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--days", type=int, default=4)
     sim.add_argument("--seed", type=int, default=7)
     sd = sub.add_parser("seed", help="mirror trades when DATA_MIRROR has them, else simulated days")
-    sd.add_argument("--mirror", type=Path, default=config.data_mirror())
+    sd.add_argument("--mirror", type=Path, default=paths.data_mirror())
     args = parser.parse_args(argv)
     try:
         if args.command == "import":

@@ -31,6 +31,13 @@ from typing import Any
 from pyarrow import fs as pafs
 
 TRADES, FEATURES = "trades", "features"
+# The trades partitions' contract, shared by whoever writes them (the importer, the simulator) and
+# whoever reads them (the training pipeline): the manifest's schema version, and the largest share
+# of a symbol's rows that may be quarantined before the day is unfit to train on (the default of
+# tick_model_training's max_bad_share parameter; tests/dags checks they agree).
+SCHEMA_VERSION = 1
+MAX_BAD_SHARE = 0.02
+
 PART_FILE, QUARANTINE_FILE, MANIFEST_FILE, SUCCESS_FILE = (
     "part-0.parquet", "_quarantine.parquet", "_manifest.json", "_SUCCESS")
 

@@ -27,7 +27,7 @@ from typing import Any
 from common import config, mlflow_utils, registry
 from common.mlflow_utils import AirflowIdentity
 from scripts.core import params as run_params
-from scripts.core import progress, threads
+from scripts.core import paths, progress, threads
 from scripts.core.errors import DataValidationError, ParameterError, PipelineError
 from scripts.tick import features as tick_features
 from scripts.tick import lake as tick_lake
@@ -208,21 +208,7 @@ def _load(model_uri: str) -> tick_model.HarXgbModel:
     return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().model
 
 
-def _champion_score(model_name: str, frame) -> tuple[str | None, dict[str, float] | None]:
-    """The current champion's metrics on this very day (None if none or unusable)."""
-    client = mlflow_utils.configure()
-    champion = registry.alias_version(client, model_name, registry.CHAMPION)
-    if champion is None:
-        return None, None
-    try:
-        model = _load(f"models:/{model_name}@{registry.CHAMPION}")
-        return champion.version, tick_model.evaluate(model, frame).metrics
-    except Exception as exc:  # noqa: BLE001 - e.g. a feature set from older code
-        log.warning("champion v%s cannot be scored on this data: %s", champion.version, exc)
-        return champion.version, None
-
-
-def evaluate(lake_uri: str, day: date, built: Mapping[str, Any], trained: Mapping[str, Any]) -> dict[str, Any]:
+def evaluate(lake_uri: str, day: date, built: Mapping[str, Any], trained: Mapping[str, Any]) -> registry.Evaluated:
     """Walk-forward scores of model, persistence, HAR and champion on the day; plots to MLflow."""
     threads.apply()
     mlflow_utils.configure()  # before the first load: the server may be known only by its connection
@@ -230,18 +216,15 @@ def evaluate(lake_uri: str, day: date, built: Mapping[str, Any], trained: Mappin
     started = time.perf_counter()
     frame = tick_features.load_features(Lake.open(lake_uri), [day])
     evaluation = tick_model.evaluate(_load(trained["model_uri"]), frame)
-    champion_version, champion_metrics = _champion_score(cfg.model_name, frame)
-    metrics = {**evaluation.metrics, "features_trades_per_second": float(built["trades_per_second"])}
-    if champion_metrics is not None:
-        metrics["champion_rmse_log_rv"] = champion_metrics["rmse_log_rv"]
-    metrics["evaluate_seconds"] = time.perf_counter() - started
+    champion = registry.score_champion(cfg, lambda uri: tick_model.evaluate(_load(uri), frame).metrics)
+    metrics = {**evaluation.metrics, "features_trades_per_second": float(built["trades_per_second"]),
+               "evaluate_seconds": time.perf_counter() - started}
 
     def artifacts(folder: str) -> None:
         tick_model.plot_volatility(evaluation.frame, f"{folder}/predicted_vs_realized_volatility.png")
         evaluation.frame.write_csv(f"{folder}/eval_predictions.csv")
 
-    registry.log_evaluation(trained["run_id"], metrics, champion_version, artifacts)
-    return {"metrics": metrics, "champion_version": champion_version}
+    return registry.log_evaluation(cfg, trained["run_id"], metrics, champion, artifacts)
 
 
 def register(validated: Mapping[str, Any], trained: Mapping[str, Any], evaluated: Mapping[str, Any],
@@ -259,7 +242,7 @@ def register(validated: Mapping[str, Any], trained: Mapping[str, Any], evaluated
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run the tick workflow's steps for one day.")
     parser.add_argument("--day", type=date.fromisoformat, required=True)
-    parser.add_argument("--lake", default=config.tick_lake())
+    parser.add_argument("--lake", default=paths.tick_lake())
     parser.add_argument("--param", action="append", default=[], help="key=value model parameter")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
