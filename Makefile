@@ -37,8 +37,10 @@ test: venv lint
 test-fast: venv
 	$(BIN)/python -m pytest -m "not e2e"
 
+# ruff, then the layers of dags/ (pyproject.toml [tool.importlinter]; docs/architecture.md).
 lint: venv
 	$(BIN)/ruff check dags tests tools bench
+	cd dags && PYTHONPATH=. ../$(BIN)/lint-imports --no-cache ../pyproject.toml
 
 bench: venv
 	$(BIN)/python bench/power_bench.py

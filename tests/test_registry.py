@@ -181,3 +181,61 @@ def test_cli_pending_lists_versions_awaiting_approval_with_metrics(model_name, m
     assert f" {v1} " in row and "mae=0.5" in row and "skill_mae=0.2" in row and "waiting for approval" in row
     assert registry_cli("approve", model_name, v1, "--by", "alice", uri=mlflow_server).returncode == 0
     assert registry.pending(model_name) == []
+
+
+def workflow_for(model_name: str, gate: PromotionGate):
+    from dataclasses import replace
+
+    from common import config
+
+    return replace(config.get("power_lgbm_training"), model_name=model_name, gate=gate)
+
+
+def test_registry_scores_the_champion_on_the_gate_metric_from_config_alone(model_name):
+    """The pipeline hands the registry a scorer; the registry picks the champion (its version
+    pinned in the URI), reads the score under the gate's metric and records it as
+    champion_<metric>. A gate whose metric is changed in config works without touching the
+    pipeline; a scorer that fails leaves the champion unscored, and the gate keeps it."""
+    v1, _ = register(model_name, "reg-tests", {"mae": 0.5, "skill_mae": 0.2})
+    registry.decide(model_name, v1, GATE, {"mae": 0.5, "skill_mae": 0.2}, None, None)
+    seen: list[str] = []
+
+    def scorer(uri: str) -> dict[str, float]:
+        seen.append(uri)
+        return {"mae": 0.4, "rmse": 0.9}
+
+    assert registry.score_champion(workflow_for(model_name, GATE), scorer) == registry.ChampionScore(v1, 0.4)
+    assert seen == [f"models:/{model_name}/{v1}"]
+    rmse_gate = PromotionGate(metric="rmse", greater_is_better=False, threshold_metric="skill_mae",
+                              threshold=0.1)
+    assert registry.score_champion(workflow_for(model_name, rmse_gate), scorer).score == 0.9
+
+    def broken(uri: str) -> dict[str, float]:
+        raise ValueError("feature set from older code")
+
+    assert registry.score_champion(workflow_for(model_name, GATE), broken) == registry.ChampionScore(v1, None)
+    assert registry.score_champion(workflow_for(model_name, GATE), lambda uri: {"rmse": 1.0}).score is None
+
+    # Evaluated with the champion unscored: a passing challenger is still refused.
+    run_id, uri = logged_model("reg-tests")
+    evaluated = registry.log_evaluation(workflow_for(model_name, GATE), run_id,
+                                        {"mae": 0.1, "skill_mae": 0.5}, registry.ChampionScore(v1, None))
+    assert evaluated == {"metrics": {"mae": 0.1, "skill_mae": 0.5}, "champion_version": v1, "champion_score": None}
+    decision = registry.register_and_decide(workflow_for(model_name, GATE), {"run_id": run_id, "model_uri": uri},
+                                            evaluated, {"data_version": "d2"})
+    assert decision.decision == registry.REJECTED and "could not be scored" in decision.reason
+    assert champion(model_name) == v1
+    # Scored: the champion's score is logged beside the challenger's, under the gate's metric.
+    run_id, uri = logged_model("reg-tests")
+    evaluated = registry.log_evaluation(workflow_for(model_name, GATE), run_id,
+                                        {"mae": 0.1, "skill_mae": 0.5}, registry.ChampionScore(v1, 0.5))
+    assert mlflow.get_run(run_id).data.metrics["champion_mae"] == 0.5
+    decision = registry.register_and_decide(workflow_for(model_name, GATE), {"run_id": run_id, "model_uri": uri},
+                                            evaluated, {"data_version": "d3"})
+    assert decision.decision == registry.PROMOTED and champion(model_name) == decision.version
+
+
+def test_no_champion_means_nothing_to_score(model_name):
+    called = []
+    score = registry.score_champion(workflow_for(model_name, GATE), lambda uri: called.append(uri) or {"mae": 1})
+    assert score == registry.ChampionScore(None, None) and called == []

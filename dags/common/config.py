@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -172,10 +172,6 @@ class WorkflowConfig:
     # Every run parameter a person may set (trigger form, REST API, CLI conf): typed, bounded,
     # described. Become the DAG's Params; a run's conf with any other key fails before prepare.
     run_params: tuple[ParamSpec, ...] = ()
-    # What `make demo` reports: the headline metric beside its baseline, and the conf it triggers.
-    headline_metric: str = ""
-    baseline_metric: str = ""
-    demo_conf: dict[str, object] = field(default_factory=dict)
     # For workflows that wait for their input (the tick lake): how often to look, and for how long.
     poke_interval: timedelta = timedelta(minutes=5)
     data_wait: timedelta = timedelta(hours=6)
@@ -259,9 +255,6 @@ def _image_workflow(dataset: str, name: str, min_accuracy: float, weekday: int) 
             require_approval=False,
         ),
         run_params=_image_params(),
-        headline_metric="test_accuracy",
-        baseline_metric="baseline_accuracy",
-        demo_conf={"profile": "smoke"},
     )
 
 
@@ -299,8 +292,6 @@ WORKFLOWS: dict[str, WorkflowConfig] = {
                 min_improvement=0.0,
                 require_approval=False,
             ),
-            headline_metric="mae",
-            baseline_metric="baseline_mae",
             run_params=POWER_PARAMS,
         ),
         WorkflowConfig(
@@ -327,8 +318,6 @@ WORKFLOWS: dict[str, WorkflowConfig] = {
                 require_approval=False,
             ),
             run_params=TICK_PARAMS,
-            headline_metric="rmse_log_rv",
-            baseline_metric="har_rmse_log_rv",
             poke_interval=timedelta(minutes=5),
             data_wait=timedelta(hours=6),
         ),

@@ -145,12 +145,6 @@ class AirflowIdentity:
                    try_number=int(ti.try_number or 1),
                    logical_date=logical.isoformat() if logical is not None else "")
 
-    @classmethod
-    def from_current_context(cls) -> AirflowIdentity:
-        from airflow.sdk import get_current_context
-
-        return cls.from_context(get_current_context())
-
     def airflow_url(self) -> str:
         base = os.environ.get("AIRFLOW__API__BASE_URL", "http://127.0.0.1:8080").rstrip("/")
         return f"{base}/dags/{self.dag_id}/runs/{self.run_id}"

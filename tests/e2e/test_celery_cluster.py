@@ -29,7 +29,7 @@ from tools.cluster import Cluster, compose_workers
 pytestmark = pytest.mark.e2e
 
 # tools/demo.prepare_inputs (when present) prepares each workflow's input (the tick lake) and
-# returns the conf to trigger each DAG with; otherwise a workflow's demo_conf is all it needs.
+# returns the conf to trigger each DAG with; otherwise a workflow's conf in demo.DEMO is all it needs.
 PREPARE_INPUTS = getattr(demo, "prepare_inputs", None)
 RUNS_TIMEOUT = 1500  # seconds for every run to finish on 2 cores
 
@@ -121,7 +121,7 @@ def test_celery_cluster_routes_every_task_to_the_worker_its_queue_names(tmp_path
     if PREPARE_INPUTS is not None:
         confs = PREPARE_INPUTS(workflows)
     else:
-        confs = {cfg.dag_id: dict(cfg.demo_conf) for cfg in workflows}
+        confs = {cfg.dag_id: dict(demo.DEMO[cfg.dag_id].conf) for cfg in workflows}
 
     started = time.monotonic()
     try:
