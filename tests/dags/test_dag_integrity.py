@@ -184,3 +184,11 @@ def test_operations_doc_shows_the_params_table_config_generates():
     table = config.params_table().strip()
     assert table in (ROOT / "docs/operations.md").read_text(), \
         "regenerate with: python dags/common/config.py params-table"
+
+
+def test_tick_bad_row_limit_default_is_the_lakes():
+    """The importer refuses, and validate fails, at the same share unless a run says otherwise:
+    the lake module holds the contract, the DAG's parameter defaults to it."""
+    from scripts.tick import lake
+
+    assert config.get("tick_model_training").params["max_bad_share"] == lake.MAX_BAD_SHARE
