@@ -21,9 +21,15 @@ Results: MLflow experiment `tick-production`, registered model `tick_model`.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from airflow.sdk import PokeReturnValue, dag, task
 
 from common import config
+
+if TYPE_CHECKING:  # the XCom types; the module itself loads inside the tasks (numpy, polars, mlflow)
+    from common.registry import Evaluated
+    from scripts.tick.pipeline import Built, Day, Trained, Validated
 
 CFG = config.get("tick_model_training")
 
@@ -33,78 +39,60 @@ def tick_model_training() -> None:
     @task.sensor(poke_interval=CFG.poke_interval.total_seconds(), timeout=CFG.data_wait.total_seconds(),
                  mode="reschedule")
     def wait_for_trades(**context) -> PokeReturnValue:
-        """Done when the day's trade partitions are complete; returns the day."""
+        """Done when the day's trade partitions are complete; returns the day, lake and bad-row limit."""
         from common.alerts import permanent_errors_fail_fast
-        from scripts.core import paths
-        from scripts.tick import pipeline as tick_pipeline
+        from scripts.tick import pipeline
 
         with permanent_errors_fail_fast():  # a bad parameter fails now, not after hours of waiting
-            # What the Param schema cannot reject (an unknown key: Airflow passes it through).
-            tick_pipeline.model_params(context["params"])
-            day = tick_pipeline.trade_day(context["params"], context.get("logical_date"),
-                                          context["dag_run"].run_after)
-        ready = tick_pipeline.partition_ready(paths.tick_lake(), day)
-        return PokeReturnValue(is_done=ready, xcom_value=day.isoformat())
+            day = pipeline.start(CFG, context["params"], logical_date=context.get("logical_date"),
+                                 run_after=context["dag_run"].run_after)
+        return PokeReturnValue(is_done=pipeline.partition_ready(day), xcom_value=day)
 
     @task
-    def validate(day: str, **context) -> dict:
+    def validate(day: Day) -> Validated:
         """Every symbol partition usable, or a clear failure; returns the trades' data version."""
-        from datetime import date
-
         from common.alerts import permanent_errors_fail_fast
-        from scripts.core import paths
-        from scripts.tick import pipeline as tick_pipeline
+        from scripts.tick import pipeline
 
         with permanent_errors_fail_fast():
-            limit = float(context["params"]["max_bad_share"])
-            return tick_pipeline.validate(paths.tick_lake(), date.fromisoformat(day), limit)
+            return pipeline.validate(day)
 
     @task
-    def build_features(validated: dict) -> dict:
+    def build_features(validated: Validated) -> Built:
         """(Re)build the day's feature partition; returns its URI, hash and throughput."""
-        from datetime import date
+        from scripts.tick import pipeline
 
-        from scripts.core import paths
-        from scripts.tick import pipeline as tick_pipeline
-
-        return tick_pipeline.build_features(paths.tick_lake(), date.fromisoformat(validated["day"]))
+        return pipeline.build_features(validated)
 
     @task
-    def train(built: dict, **context) -> dict:
+    def train(built: Built, **context) -> Trained:
         """Fit on the days before; skipped (not failed) when there is none."""
-        from datetime import date
-
         from airflow.sdk.exceptions import AirflowSkipException
 
         from common.alerts import permanent_errors_fail_fast
         from common.mlflow_utils import AirflowIdentity
-        from scripts.core import paths
-        from scripts.tick import pipeline as tick_pipeline
+        from scripts.tick import pipeline
 
         with permanent_errors_fail_fast():
             try:
-                return tick_pipeline.train(paths.tick_lake(), date.fromisoformat(built["day"]),
-                                           context["params"], AirflowIdentity.from_context(context))
-            except tick_pipeline.NotEnoughHistory as exc:
+                return pipeline.train(CFG, built, context["params"], AirflowIdentity.from_context(context))
+            except pipeline.NotEnoughHistory as exc:
                 raise AirflowSkipException(str(exc)) from None
 
     @task
-    def evaluate(built: dict, trained: dict) -> dict:
+    def evaluate(built: Built, trained: Trained) -> Evaluated:
         """Score model, baselines and champion on the same day."""
-        from datetime import date
+        from scripts.tick import pipeline
 
-        from scripts.core import paths
-        from scripts.tick import pipeline as tick_pipeline
-
-        return tick_pipeline.evaluate(paths.tick_lake(), date.fromisoformat(built["day"]), built, trained)
+        return pipeline.evaluate(CFG, built, trained)
 
     @task(pool=config.REGISTRY_POOL.name)  # one promotion at a time, across all workflows
-    def register(validated: dict, trained: dict, evaluated: dict, **context) -> dict:
+    def register(validated: Validated, trained: Trained, evaluated: Evaluated, **context) -> dict:
         """Register the challenger; promote to champion only through the gate."""
         from common.mlflow_utils import AirflowIdentity
-        from scripts.tick import pipeline as tick_pipeline
+        from scripts.tick import pipeline
 
-        return tick_pipeline.register(validated, trained, evaluated, AirflowIdentity.from_context(context))
+        return pipeline.register(CFG, validated, trained, evaluated, AirflowIdentity.from_context(context))
 
     validated = validate(wait_for_trades())
     built = build_features(validated)

@@ -64,14 +64,15 @@ def test_power_params_rejected_naming_the_field(conf, field):
 ])
 def test_tick_params_rejected_naming_the_field(conf, field):
     with pytest.raises(ParameterError) as err:
-        tick_pipeline.model_params(conf)
+        tick_pipeline.model_params(config.get("tick_model_training"), conf)
     assert err.value.field == field and field in str(err.value)
 
 
 def test_trade_day_checks_its_format():
     with pytest.raises(ParameterError, match="trade_date"):
-        tick_pipeline.trade_day({"trade_date": "2013-10-32"}, None)
-    assert str(tick_pipeline.trade_day({"trade_date": "2013-10-09"}, None)) == "2013-10-09"
+        tick_pipeline.trade_day(config.get("tick_model_training"), {"trade_date": "2013-10-32"}, None)
+    assert str(tick_pipeline.trade_day(config.get("tick_model_training"), {"trade_date": "2013-10-09"},
+                                       None)) == "2013-10-09"
 
 
 def test_valid_values_are_typed_and_cli_strings_cast():

@@ -109,16 +109,45 @@ def test_model_walk_forward_beats_persistence_on_simulated_days(lake):
     np.testing.assert_allclose(again.predict(frame.to_pandas()), result.model.predict(frame))
 
 
-def test_run_params_are_checked():
+def test_run_params_are_checked(tmp_path, monkeypatch):
+    from datetime import datetime, timedelta, timezone
+
+    from common import config
     from scripts.core.errors import ParameterError
     from scripts.tick import pipeline as tick_pipeline
 
-    params = tick_pipeline.model_params({"trade_date": "2013-10-09", "max_bad_share": 0.1, "train_days": "5"})
+    cfg = config.get("tick_model_training")
+    params = tick_pipeline.model_params(cfg, {"trade_date": "2013-10-09", "max_bad_share": 0.1, "train_days": "5"})
     assert params.train_days == 5 and params.max_depth == tick_model.ModelParams().max_depth
     with pytest.raises(ParameterError, match=r"unknown tick_model_training params \['depth'\]"):
-        tick_pipeline.model_params({"depth": 3})
+        tick_pipeline.model_params(cfg, {"depth": 3})
     with pytest.raises(ParameterError, match="trade_date '9/10/2013' is not YYYY-MM-DD"):
-        tick_pipeline.trade_day({"trade_date": "9/10/2013"}, None)
-    from datetime import datetime, timedelta, timezone
+        tick_pipeline.trade_day(cfg, {"trade_date": "9/10/2013"}, None)
     close = datetime(2013, 10, 9, 17, 30, tzinfo=timezone(timedelta(hours=-4)))  # 17:30 New York (EDT)
-    assert tick_pipeline.trade_day({"trade_date": None}, close) == date(2013, 10, 9)
+    assert tick_pipeline.trade_day(cfg, {"trade_date": None}, close) == date(2013, 10, 9)
+    # The first step checks every param before any work, and fixes the run's day, lake and limit.
+    monkeypatch.setenv("TICK_LAKE", str(tmp_path / "lake"))
+    assert tick_pipeline.start(cfg, dict(cfg.params), logical_date=close) == {
+        "day": "2013-10-09", "lake": str(tmp_path / "lake"), "max_bad_share": tick_lake.MAX_BAD_SHARE}
+    assert tick_pipeline.start(cfg, {"max_bad_share": "0.5"}, run_after=close, lake="s3://b/l") == {
+        "day": "2013-10-09", "lake": "s3://b/l", "max_bad_share": 0.5}
+    with pytest.raises(ParameterError, match="train_days"):
+        tick_pipeline.start(cfg, {"train_days": 0}, logical_date=close)
+
+
+def test_steps_hand_on_json_records_of_their_declared_type(lake):
+    """validate and build_features return plain JSON dicts with exactly their TypedDict's keys,
+    each carrying the day record (day, lake, limit) the later steps read."""
+    import json
+
+    from common import config
+    from scripts.tick import pipeline as tick_pipeline
+
+    day = tick_pipeline.start(config.get("tick_model_training"), {"trade_date": DAY.isoformat()}, lake=lake)
+    validated = tick_pipeline.validate(day)
+    built = tick_pipeline.build_features(validated)
+    assert set(validated) == tick_pipeline.Validated.__required_keys__
+    assert set(built) == tick_pipeline.Built.__required_keys__
+    assert json.loads(json.dumps([validated, built])) == [validated, built]
+    assert {k: built[k] for k in day} == day == {k: validated[k] for k in day}
+    assert built["data_version"] == validated["data_version"] and built["trades_per_second"] > 0

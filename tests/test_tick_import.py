@@ -11,6 +11,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from common import config
 from scripts.core.errors import DataValidationError
 from scripts.tick import importer as tick_import
 from scripts.tick import lake as tick_lake
@@ -35,6 +36,12 @@ BAD = {
     "suspicious": "IBM,2013-10-08 09:30:04.000,185.2,100,N,1,1",
     "unparseable_suspicious": "IBM,2013-10-08 09:30:04.100,185.2,100,N,1,x",
 }
+
+
+def day_of(lake: str | Path, day: date = DAY, max_bad_share: float = 0.02) -> tick_pipeline.Day:
+    """What tick_model_training's first task hands the steps after it, for ``day`` in ``lake``."""
+    return tick_pipeline.start(config.get("tick_model_training"),
+                               {"trade_date": day.isoformat(), "max_bad_share": max_bad_share}, lake=str(lake))
 
 
 def write_csv(path: Path, rows: list[str], header: str = HEADER) -> Path:
@@ -103,7 +110,7 @@ def test_unreadable_times_are_quarantined_and_the_rest_imported(tmp_path):
     assert quarantine["line"].to_list() == [5_002, 12_347]  # header is line 1
     assert quarantine["time"][1] == "yesterday" and set(quarantine["reason"]) == {"unparseable_time"}
     assert read_partition(tmp_path / "lake", DAY, "IBM").height == 19_998
-    assert tick_pipeline.validate(str(tmp_path / "lake"), DAY, max_bad_share=0.02)["trades"] == 19_998
+    assert tick_pipeline.validate(day_of(str(tmp_path / "lake"), DAY, 0.02))["trades"] == 19_998
 
 
 def test_unreadable_time_goes_to_the_day_of_its_neighbours(tmp_path):
@@ -201,8 +208,8 @@ def test_partition_over_the_bad_share_limit_fails_validation(tmp_path, capsys):
     assert exit_code == 1
     assert "date=2013-10-08/symbol=IBM: 28.57% of rows rejected" in capsys.readouterr().err
     with pytest.raises(DataValidationError, match=r"symbol=IBM: 2 of 7 rows \(28.57%\) were quarantined"):
-        tick_pipeline.validate(lake, DAY, max_bad_share=0.1)
-    assert tick_pipeline.validate(lake, DAY, max_bad_share=0.5)["trades"] == len(GOOD)
+        tick_pipeline.validate(day_of(lake, DAY, 0.1))
+    assert tick_pipeline.validate(day_of(lake, DAY, 0.5))["trades"] == len(GOOD)
 
 
 def test_validation_catches_a_partition_changed_after_import(tmp_path):
@@ -212,7 +219,7 @@ def test_validation_catches_a_partition_changed_after_import(tmp_path):
     frame = pl.read_parquet(part)
     frame.head(2).write_parquet(part)
     with pytest.raises(DataValidationError, match="content differs from its manifest"):
-        tick_pipeline.validate(str(lake), DAY, max_bad_share=0.5)
+        tick_pipeline.validate(day_of(str(lake), DAY, 0.5))
 
 
 @pytest.mark.parametrize("price", [float("inf"), float("nan"), -1.0])
@@ -225,29 +232,41 @@ def test_validation_refuses_prices_an_older_importer_let_through(tmp_path, price
     frame = pl.read_parquet(folder / tick_lake.PART_FILE)
     frame = frame.with_columns(pl.when(pl.int_range(pl.len()) == 2).then(price).otherwise(pl.col("price"))
                                .cast(frame.schema["price"]).alias("price"))
-    data = tick_import.parquet_bytes(frame)
+    data = tick_lake.parquet_bytes(frame)
     (folder / tick_lake.PART_FILE).write_bytes(data)
     manifest = json.loads((folder / tick_lake.MANIFEST_FILE).read_text())
     (folder / tick_lake.MANIFEST_FILE).write_text(json.dumps({**manifest, "sha256": tick_lake.sha256(data)}))
     with pytest.raises(DataValidationError, match=r"symbol=IBM/.*, field 'price': row 2: .* is not a finite number > 0"):
-        tick_pipeline.validate(str(lake), DAY, max_bad_share=0.5)
+        tick_pipeline.validate(day_of(str(lake), DAY, 0.5))
 
 
 def test_simulated_days_are_tagged_synthetic(tmp_path):
     lake = str(tmp_path / "lake")
     days = tick_import.seed(lake, mirror=None, simulate_start=date(2026, 1, 2), simulate_days=2)
     assert days == [date(2026, 1, 2), date(2026, 1, 5)]  # weekdays only
-    validated = tick_pipeline.validate(lake, days[0], max_bad_share=0.02)
+    validated = tick_pipeline.validate(day_of(lake, days[0], 0.02))
     assert validated["synthetic"] and validated["data_version"].startswith("synthetic-")
     assert validated["symbols"] == ["AIG", "BAC", "IBM", "SPY"]
 
 
-def test_import_task_for_upstream_dags(tmp_path, monkeypatch):
-    """``common.tick_tasks.import_trades``: what an upstream DAG runs (its callable, called here
-    as the task runner would)."""
-    from airflow.sdk.exceptions import AirflowFailException
+def test_a_run_without_max_bad_share_uses_the_lakes_limit():
+    """The CLI passes only the params given; the DAG's default is the lake's too (tests/dags)."""
+    day = tick_pipeline.start(config.get("tick_model_training"), {"trade_date": "2013-10-08"}, lake="lake")
+    assert day["max_bad_share"] == tick_lake.MAX_BAD_SHARE
 
-    from common.tick_tasks import import_trades
+
+def test_the_lake_refuses_a_partition_outside_its_schema(tmp_path):
+    frame = pl.DataFrame({"ts": [1], "symbol": ["IBM"], "price": [1.0]})
+    with pytest.raises(ValueError, match="trade partition columns"):
+        tick_lake.Lake.open(str(tmp_path / "lake")).write_trades(DAY, "IBM", frame, frame.clear(),
+                                                                 sources=[], synthetic=False)
+
+
+def test_import_task_for_upstream_dags(tmp_path, monkeypatch):
+    """``upstream.tick_import.import_trades``: what the user's upstream DAG runs (its callable,
+    called here as the task runner would)."""
+    from airflow.sdk.exceptions import AirflowFailException
+    from upstream.tick_import import import_trades
 
     monkeypatch.setenv("TICK_LAKE", str(tmp_path / "lake"))
     reports = import_trades.function([str(write_csv(tmp_path / "good.csv", GOOD))])

@@ -17,7 +17,7 @@ from scripts.tick import importer as tick_import
 from scripts.tick import lake as tick_lake
 from scripts.tick import pipeline as tick_pipeline
 from tests.helpers import free_port
-from tests.test_tick_import import BAD, GOOD, write_csv
+from tests.test_tick_import import BAD, GOOD, day_of, write_csv
 
 DAY = date(2013, 10, 8)
 
@@ -69,8 +69,8 @@ def test_import_validate_and_build_on_s3(s3_lake, s3_endpoint, tmp_path):
 
     lake = tick_lake.Lake.open(s3_lake)
     assert lake.days(tick_lake.TRADES) == [DAY] and lake.symbols(DAY) == ["IBM"]
-    assert tick_pipeline.partition_ready(s3_lake, DAY)
-    assert tick_pipeline.validate(s3_lake, DAY, max_bad_share=0.5)["trades"] == len(GOOD)
+    assert tick_pipeline.partition_ready(day_of(s3_lake, DAY))
+    assert tick_pipeline.validate(day_of(s3_lake, DAY, 0.5))["trades"] == len(GOOD)
     built = tick_features.build_day(s3_lake, DAY)
     assert built.uri == "s3://ticks/lake/features/date=2013-10-08/part-0.parquet"
     assert tick_features.build_day(s3_lake, DAY).sha256 == built.sha256

@@ -33,7 +33,7 @@ from scripts.tick import lake as tick_lake
 from scripts.tick import pipeline as tick_pipeline
 from tests.test_image_data import idx_bytes, write_cifar_python, write_mnist
 from tests.test_tick_import import HEADER as TICK_HEADER
-from tests.test_tick_import import many_rows
+from tests.test_tick_import import day_of, many_rows
 from tests.uci_synth import HEADER as UCI_HEADER
 from tests.uci_synth import uci_lines, write_uci_file
 
@@ -158,7 +158,7 @@ def test_two_unreadable_times_in_200k_rows_are_quarantined(tmp_path, capsys):
     assert quarantine.select("source", "line", "reason").rows() == [
         (source.name, 77_002, "unparseable_time"), (source.name, 200_001, "unparseable_time")]
     assert pl.read_parquet(part / tick_lake.PART_FILE).height == 199_998
-    validated = tick_pipeline.validate(lake, DAY, max_bad_share=0.02)
+    validated = tick_pipeline.validate(day_of(lake, DAY, 0.02))
     assert (validated["trades"], validated["quarantined"]) == (199_998, 2)
 
 

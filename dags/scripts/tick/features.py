@@ -39,7 +39,6 @@ EPS = 1e-12  # floor under a variance before its log (an untraded window has zer
 FEATURES = ("log_rv_1", "log_rv_5", "log_rv_30", "log_rv_day", "ret_1", "ret_5", "log_volume_5",
             "log_trades_5", "imbalance_5", "minute")
 TARGET = "target_log_rv"
-TRADE_COLUMNS = {"ts", "symbol", "price", "size", "exchange", "conditions", "suspicious"}
 FEATURE_SCHEMA_VERSION = 1
 
 
@@ -137,7 +136,7 @@ def read_trades(lake: Lake, day: date, symbol: str):
 
     path = f"{lake.trade_dir(day, symbol)}/{tick_lake.PART_FILE}"
     handle = io.BytesIO(lake.read_bytes(path))
-    missing = TRADE_COLUMNS - set(pq.read_schema(handle).names)
+    missing = tick_lake.TRADE_COLUMNS - set(pq.read_schema(handle).names)
     if missing:
         raise DataValidationError(lake.display(path), f"trade partition lacks columns {sorted(missing)}",
                                   field=sorted(missing)[0])
@@ -173,8 +172,6 @@ def _warm_up(day: date) -> None:
 
 def build_day(lake_uri: str, day: date) -> BuildResult:
     """(Re)build the feature partition of ``day`` from its trade partitions; atomic, idempotent."""
-    from scripts.tick.importer import parquet_bytes
-
     threads.apply()  # before Polars loads (POLARS_MAX_THREADS is read once, at import)
     lake = Lake.open(lake_uri)
     if not lake.day_ready(day):
@@ -184,7 +181,7 @@ def build_day(lake_uri: str, day: date) -> BuildResult:
     started = time.perf_counter()
     features, trades = day_features(lake, day)
     seconds = time.perf_counter() - started
-    data = parquet_bytes(features)
+    data = tick_lake.parquet_bytes(features)
     success = lake.read_json(f"{lake.day_dir(tick_lake.TRADES, day)}/{tick_lake.SUCCESS_FILE}")
     synthetic = any(s["synthetic"] for s in success["symbols"].values())
     version = tick_lake.version_of([(s, v["sha256"]) for s, v in success["symbols"].items()], synthetic)

@@ -23,61 +23,38 @@ in ``_quarantine.parquet`` beside its partition. Reasons:
 ``suspicious``           flagged by the vendor
 
 Each (day, symbol) partition is replaced whole on re-import (same file names), and the day's
-``_SUCCESS`` is rewritten last. A partition whose bad share exceeds ``--max-bad-share`` is still
-written, for inspection, but its manifest says so, the importer exits 1, and the training DAG's
-validation fails on it before anything downstream is written.
+``_SUCCESS`` is rewritten last (``Lake.write_trades`` and ``Lake.mark_day_complete``: the
+partition contract, its schema version and the default bad-row limit live in ``lake``). A
+partition whose bad share exceeds ``--max-bad-share`` is still written, for inspection, but its
+manifest says so, the importer exits 1, and the training DAG's validation fails on it before
+anything downstream is written. Simulated days (``scripts.tick.simulate``, which knows nothing of
+the importer) come in through the same path, flagged synthetic.
 
-CLI::
+CLI (from ``dags/``)::
 
-    python -m scripts.tick.importer import --lake LAKE FILE [FILE ...] [--synthetic]
-    python -m scripts.tick.importer simulate --lake LAKE --start 2026-01-05 --days 3
-    python -m scripts.tick.importer seed --lake LAKE [--mirror DIR]   # mirror ticks, else simulated
+    python -m scripts.tick.importer --lake LAKE import FILE [FILE ...] [--synthetic]
+    python -m scripts.tick.importer --lake LAKE simulate --start 2026-01-05 --days 3
+    python -m scripts.tick.importer --lake LAKE seed [--mirror DIR]   # mirror ticks, else simulated
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
+import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, date, datetime
+from datetime import date
 from pathlib import Path
-from typing import Any
 
 from scripts.core import paths
 from scripts.core.errors import DataValidationError
-from scripts.tick import lake as tick_lake
-from scripts.tick.lake import Lake
+from scripts.tick import simulate
+from scripts.tick.lake import MAX_BAD_SHARE, Lake, PartitionReport
 
 VENDOR_COLUMNS = ("symbol", "time", "price", "size", "exchange", "sale_condition", "suspicious")
 EXCHANGE_TZ = "America/New_York"
 SESSION_START, SESSION_END = (4, 0), (20, 0)  # pre-market open to after-hours close, New York
-DEFAULT_MAX_BAD_SHARE = tick_lake.MAX_BAD_SHARE
-SCHEMA_VERSION = tick_lake.SCHEMA_VERSION
-
-
-@dataclass
-class PartitionReport:
-    day: str
-    symbol: str
-    rows_in: int
-    rows: int
-    bad_rows: int
-    bad_share: float
-    reasons: dict[str, int]
-    sha256: str
-    sources: list[str]
-    synthetic: bool
-    max_bad_share: float
-    over_limit: bool = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.over_limit = self.bad_share > self.max_bad_share
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def read_vendor_csv(path: Path):
@@ -160,7 +137,8 @@ def attribute_unreadable_times(rows):
 
 
 def to_lake_schema(good):
-    """The partition contract: ts (UTC, ns), symbol, price, size, exchange, conditions, suspicious."""
+    """Valid rows as the lake's trade columns (``lake.TRADE_COLUMNS``): ts (UTC, ns), symbol,
+    price, size, exchange, conditions, suspicious; in time order."""
     import polars as pl
 
     return good.select(
@@ -170,14 +148,8 @@ def to_lake_schema(good):
     ).sort("ts", maintain_order=True)
 
 
-def parquet_bytes(frame) -> bytes:
-    buffer = io.BytesIO()
-    frame.write_parquet(buffer, compression="zstd", statistics=True)
-    return buffer.getvalue()
-
-
 def import_files(lake_uri: str, files: Sequence[Path], *, synthetic: bool = False,
-                 max_bad_share: float = DEFAULT_MAX_BAD_SHARE) -> list[PartitionReport]:
+                 max_bad_share: float = MAX_BAD_SHARE) -> list[PartitionReport]:
     """Validate ``files`` and write one partition per (day, symbol) they contain."""
     import polars as pl
 
@@ -202,45 +174,25 @@ def import_files(lake_uri: str, files: Sequence[Path], *, synthetic: bool = Fals
     lake = Lake.open(lake_uri)
     reports = []
     for (day, symbol), part in rows.group_by(["day", "symbol"], maintain_order=True):
-        reports.append(_write_partition(lake, day, symbol, part, synthetic, max_bad_share))
+        good = to_lake_schema(part.filter(pl.col("reason").is_null()))
+        quarantined = part.filter(pl.col("reason").is_not_null()).select(
+            "source", "line", *VENDOR_COLUMNS, "reason")
+        reports.append(lake.write_trades(day, symbol, good, quarantined, synthetic=synthetic,
+                                         sources=sorted(set(part["source"].to_list())),
+                                         max_bad_share=max_bad_share))
     for day in sorted({r.day for r in reports}):
-        _mark_day_complete(lake, date.fromisoformat(day))
+        lake.mark_day_complete(date.fromisoformat(day))
     return reports
 
 
-def _write_partition(lake: Lake, day: date, symbol: str, part, synthetic: bool,
-                     max_bad_share: float) -> PartitionReport:
-    import polars as pl
-
-    good = to_lake_schema(part.filter(pl.col("reason").is_null()))
-    bad = part.filter(pl.col("reason").is_not_null()).select(
-        "source", "line", *VENDOR_COLUMNS, "reason")
-    folder = lake.trade_dir(day, symbol)
-    data = parquet_bytes(good)
-    lake.write_bytes(f"{folder}/{tick_lake.PART_FILE}", data)
-    if bad.height:
-        lake.write_bytes(f"{folder}/{tick_lake.QUARANTINE_FILE}", parquet_bytes(bad))
-    else:
-        lake.delete(f"{folder}/{tick_lake.QUARANTINE_FILE}")
-    reasons = dict(sorted(bad.group_by("reason").len().iter_rows())) if bad.height else {}
-    report = PartitionReport(
-        day=day.isoformat(), symbol=symbol, rows_in=part.height, rows=good.height, bad_rows=bad.height,
-        bad_share=round(bad.height / part.height, 6), reasons=reasons, sha256=tick_lake.sha256(data),
-        sources=sorted(set(part["source"].to_list())), synthetic=synthetic, max_bad_share=max_bad_share)
-    lake.write_json(f"{folder}/{tick_lake.MANIFEST_FILE}",
-                    {**report.to_dict(), "schema_version": SCHEMA_VERSION,
-                     "imported_at": datetime.now(UTC).isoformat(timespec="seconds")})
-    return report
-
-
-def _mark_day_complete(lake: Lake, day: date) -> None:
-    """Rewrite the day's _SUCCESS (last) with every symbol partition the day now holds."""
-    symbols = {}
-    for symbol in lake.symbols(day):
-        manifest = lake.read_json(f"{lake.trade_dir(day, symbol)}/{tick_lake.MANIFEST_FILE}")
-        symbols[symbol] = {"sha256": manifest["sha256"], "synthetic": manifest["synthetic"]}
-    lake.write_json(f"{lake.day_dir(tick_lake.TRADES, day)}/{tick_lake.SUCCESS_FILE}",
-                    {"date": day.isoformat(), "symbols": symbols})
+def import_simulated(lake_uri: str, start: date, days: int, seed: int = 7,
+                     symbols: tuple[simulate.SymbolSpec, ...] = simulate.DEFAULT_SYMBOLS,
+                     ) -> list[PartitionReport]:
+    """Simulate ``days`` weekdays from ``start`` (``scripts.tick.simulate``) and import them like
+    vendor files, flagged synthetic."""
+    with tempfile.TemporaryDirectory(prefix="vtm-sim-") as tmp:
+        files = simulate.write_vendor_files(Path(tmp), start, days, seed, symbols)
+        return import_files(lake_uri, files, synthetic=True)
 
 
 def seed(lake_uri: str, mirror: Path | None, simulate_start: date = date(2026, 1, 5),
@@ -250,9 +202,7 @@ def seed(lake_uri: str, mirror: Path | None, simulate_start: date = date(2026, 1
     if files:
         reports = import_files(lake_uri, files)
     else:
-        from scripts.tick import simulate as tick_simulate
-
-        reports = tick_simulate.simulate_into(lake_uri, simulate_start, simulate_days)
+        reports = import_simulated(lake_uri, simulate_start, simulate_days)
     return sorted({date.fromisoformat(r.day) for r in reports})
 
 
@@ -273,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     imp = sub.add_parser("import", help="validate and import vendor CSV files")
     imp.add_argument("files", nargs="+", type=Path)
     imp.add_argument("--synthetic", action="store_true", help="the files are simulated, not real")
-    imp.add_argument("--max-bad-share", type=float, default=DEFAULT_MAX_BAD_SHARE)
+    imp.add_argument("--max-bad-share", type=float, default=MAX_BAD_SHARE)
     sim = sub.add_parser("simulate", help="import simulated trading days")
     sim.add_argument("--start", type=date.fromisoformat, required=True)
     sim.add_argument("--days", type=int, default=4)
@@ -286,9 +236,7 @@ def main(argv: list[str] | None = None) -> int:
             return _print_reports(import_files(args.lake, args.files, synthetic=args.synthetic,
                                                max_bad_share=args.max_bad_share))
         if args.command == "simulate":
-            from scripts.tick import simulate as tick_simulate
-
-            return _print_reports(tick_simulate.simulate_into(args.lake, args.start, args.days, args.seed))
+            return _print_reports(import_simulated(args.lake, args.start, args.days, args.seed))
         print(json.dumps([d.isoformat() for d in seed(args.lake, args.mirror)]))
         return 0
     except DataValidationError as exc:

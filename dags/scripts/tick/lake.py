@@ -20,21 +20,24 @@ S3-compatible stores (MinIO, Ceph, ...) are reached through ``TICK_LAKE_S3_ENDPO
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
-from datetime import date
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, date, datetime
 from typing import Any
 
 from pyarrow import fs as pafs
 
 TRADES, FEATURES = "trades", "features"
-# The trades partitions' contract, shared by whoever writes them (the importer, the simulator) and
-# whoever reads them (the training pipeline): the manifest's schema version, and the largest share
-# of a symbol's rows that may be quarantined before the day is unfit to train on (the default of
-# tick_model_training's max_bad_share parameter; tests/dags checks they agree).
+# The trade partitions' contract, shared by whoever writes them (the importer, through
+# ``Lake.write_trades``) and whoever reads them (the feature build, the training pipeline's
+# validation): the columns, the manifest's schema version, and the largest share of a symbol's
+# rows that may be quarantined before the day is unfit to train on (the default of the importer's
+# --max-bad-share and of tick_model_training's max_bad_share parameter; tests check they agree).
+TRADE_COLUMNS = frozenset({"ts", "symbol", "price", "size", "exchange", "conditions", "suspicious"})
 SCHEMA_VERSION = 1
 MAX_BAD_SHARE = 0.02
 
@@ -44,6 +47,37 @@ PART_FILE, QUARANTINE_FILE, MANIFEST_FILE, SUCCESS_FILE = (
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def parquet_bytes(frame) -> bytes:
+    """A Polars frame as the lake's Parquet (zstd, with statistics): the same frame, the same bytes."""
+    buffer = io.BytesIO()
+    frame.write_parquet(buffer, compression="zstd", statistics=True)
+    return buffer.getvalue()
+
+
+@dataclass
+class PartitionReport:
+    """What a trade partition's manifest says about it (plus the schema version and import time)."""
+
+    day: str
+    symbol: str
+    rows_in: int
+    rows: int
+    bad_rows: int
+    bad_share: float
+    reasons: dict[str, int]
+    sha256: str
+    sources: list[str]
+    synthetic: bool
+    max_bad_share: float
+    over_limit: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.over_limit = self.bad_share > self.max_bad_share
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -139,6 +173,43 @@ class Lake:
 
     def write_json(self, path: str, document: dict[str, Any]) -> None:
         self.write_bytes(path, (json.dumps(document, indent=2, sort_keys=True) + "\n").encode())
+
+    def write_trades(self, day: date, symbol: str, good, quarantined, *, sources: list[str],
+                     synthetic: bool, max_bad_share: float = MAX_BAD_SHARE) -> PartitionReport:
+        """Write one (day, symbol) trade partition whole, replacing any earlier one: the valid rows
+        (Polars, exactly ``TRADE_COLUMNS``, time-ordered), the quarantined rows beside them (each
+        with its ``reason``), then the manifest. A partition over ``max_bad_share`` is written all
+        the same, for inspection; its manifest says so. The day is complete only once
+        :meth:`mark_day_complete` has run."""
+        if set(good.columns) != TRADE_COLUMNS:
+            raise ValueError(f"trade partition columns {good.columns}, expected {sorted(TRADE_COLUMNS)}")
+        folder = self.trade_dir(day, symbol)
+        data = parquet_bytes(good)
+        self.write_bytes(f"{folder}/{PART_FILE}", data)
+        if quarantined.height:
+            self.write_bytes(f"{folder}/{QUARANTINE_FILE}", parquet_bytes(quarantined))
+        else:
+            self.delete(f"{folder}/{QUARANTINE_FILE}")
+        reasons = (dict(sorted(quarantined.group_by("reason").len().iter_rows())) if quarantined.height
+                   else {})
+        rows_in = good.height + quarantined.height
+        report = PartitionReport(
+            day=day.isoformat(), symbol=symbol, rows_in=rows_in, rows=good.height,
+            bad_rows=quarantined.height, bad_share=round(quarantined.height / rows_in, 6), reasons=reasons,
+            sha256=sha256(data), sources=sources, synthetic=synthetic, max_bad_share=max_bad_share)
+        self.write_json(f"{folder}/{MANIFEST_FILE}",
+                        {**report.to_dict(), "schema_version": SCHEMA_VERSION,
+                         "imported_at": datetime.now(UTC).isoformat(timespec="seconds")})
+        return report
+
+    def mark_day_complete(self, day: date) -> None:
+        """Rewrite the day's _SUCCESS (last) with every symbol partition the day now holds."""
+        symbols = {}
+        for symbol in self.symbols(day):
+            manifest = self.read_json(f"{self.trade_dir(day, symbol)}/{MANIFEST_FILE}")
+            symbols[symbol] = {"sha256": manifest["sha256"], "synthetic": manifest["synthetic"]}
+        self.write_json(f"{self.day_dir(TRADES, day)}/{SUCCESS_FILE}",
+                        {"date": day.isoformat(), "symbols": symbols})
 
     def delete(self, path: str) -> None:
         if self.exists(path):

@@ -1,7 +1,7 @@
 """Next-5-minute volatility model: HAR-RV linear core plus an XGBoost correction.
 
 The model predicts ``target_log_rv`` (log realized variance of the next 5 minutes) from the
-features of ``tick_features``. It is fitted in two stages on a rolling window of past days:
+features of ``scripts.tick.features``. It is fitted in two stages on a rolling window of past days:
 
 1. HAR-RV: ordinary least squares of the target on ``log_rv_5``, ``log_rv_30``, ``log_rv_day``
    (the intraday analogue of Corsi's daily/weekly/monthly HAR). This is also the baseline.
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -243,7 +243,3 @@ def plot_volatility(frame, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
-
-
-def params_dict(params: ModelParams) -> dict[str, Any]:
-    return asdict(params)

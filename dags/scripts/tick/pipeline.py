@@ -1,32 +1,34 @@
-"""The tick workflow's steps as plain functions: find the day, validate its trade partitions,
-build its feature partition, train on the days before it, evaluate on it, register.
+"""The tick workflow's steps as plain functions: check the run and find its day, validate the
+day's trade partitions, build its feature partition, train on the days before it, evaluate on it,
+register.
 
-Only small dicts travel between steps (day, lake URIs, data versions, MLflow run id, metrics).
+Each step takes the ``WorkflowConfig`` its caller holds (the DAG's ``CFG``, the CLI's) and the day
+record the first step made (:class:`Day`: the day, the lake URI read once when the run starts, the
+bad-row limit). Only small JSON dicts travel between steps - the TypedDicts below, Airflow's XComs.
 Every step is idempotent for its day: features are rebuilt byte-identically, a retried task
 continues its MLflow run, and registration happens once per run. That is what makes
 ``airflow backfill create`` over a date range safe to repeat.
 
-CLI (no Airflow needed): ``python -m scripts.tick.pipeline --day 2013-10-09 [--lake L]``
-runs every step for one day against the configured MLflow server.
+Command line (no Airflow): ``python -m scripts.tick.cli --day 2013-10-09`` (scripts/tick/cli.py).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import io
-import json
 import logging
 import tempfile
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
-from common import config, mlflow_utils, registry
+from common import mlflow_utils, registry
+from common.config import WorkflowConfig
 from common.mlflow_utils import AirflowIdentity
-from scripts.core import params as run_params
+from scripts.core import params as core_params
 from scripts.core import paths, progress, threads
 from scripts.core.errors import DataValidationError, ParameterError, PipelineError
 from scripts.tick import features as tick_features
@@ -36,65 +38,135 @@ from scripts.tick.lake import Lake
 
 log = logging.getLogger(__name__)
 
-DAG_ID = "tick_model_training"
-RUN_PARAMS = {"trade_date", "max_bad_share"}  # DAG params that are not model parameters
-SPECS = config.get(DAG_ID).run_params
-
 
 class NotEnoughHistory(PipelineError):
     """No earlier trading day to train on (the first day of a lake or a backfill)."""
 
 
-def trade_day(params: Mapping[str, Any], logical_date: datetime | None,
+# -- what travels between the steps (XCom) ----------------------------------------------------
+class Day(TypedDict):
+    """The run's day, fixed by its first step (``start``), and what every later step reads it with."""
+
+    day: str  # YYYY-MM-DD
+    lake: str  # the tick lake's URI (TICK_LAKE), read once, when the run starts
+    max_bad_share: float  # the run's bad-row limit for validate
+
+
+class Validated(Day):
+    """Every symbol partition of the day usable: what was found, and the trades' data version."""
+
+    symbols: list[str]
+    trades: int
+    quarantined: int
+    data_version: str
+    synthetic: bool
+
+
+class Built(Day):
+    """The day's feature partition (re)built: where, its content hash and the build's throughput."""
+
+    uri: str
+    rows: int
+    trades: int
+    seconds: float
+    sha256: str
+    data_version: str  # of the trades the features were built from
+    synthetic: bool
+    trades_per_second: float
+
+
+class Trained(TypedDict):
+    """The challenger's MLflow run and model, and the data it was fitted on."""
+
+    run_id: str
+    model_uri: str
+    data_version: str
+    train_days: list[str]
+    synthetic: bool
+
+
+# -- run parameters ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DayParams:
+    """The run parameters that are not the model's: which day, and how much of it may be bad."""
+
+    trade_date: str | None = None
+    max_bad_share: float = tick_lake.MAX_BAD_SHARE
+
+
+def model_params(cfg: WorkflowConfig, params: Mapping[str, Any] | None) -> tick_model.ModelParams:
+    """Run params -> ModelParams, every parameter (``trade_date`` and ``max_bad_share`` too)
+    typed and bounded by ``cfg.run_params`` (scripts.core.params); unknown keys fail."""
+    return core_params.build(tick_model.ModelParams, cfg.run_params, params, cfg.dag_id)
+
+
+def day_params(cfg: WorkflowConfig, params: Mapping[str, Any] | None) -> DayParams:
+    """Run params -> DayParams, through the same parser as :func:`model_params`."""
+    return core_params.build(DayParams, cfg.run_params, params, cfg.dag_id)
+
+
+def trade_day(cfg: WorkflowConfig, params: Mapping[str, Any] | None, logical_date: datetime | None,
               run_after: datetime | None = None) -> date:
     """The day a run processes: ``trade_date`` if given, else its logical date's UTC calendar day.
 
     Scheduled runs fire after the New York close (17:30 ET = 21:30/22:30 UTC, the same UTC day);
     ``airflow dags test tick_model_training 2013-10-09`` gives midnight UTC of that day.
     """
-    if params.get("trade_date") is not None:
-        checked = run_params.check(config.get(DAG_ID).param_spec("trade_date"), params["trade_date"], DAG_ID)
-        return date.fromisoformat(checked)
+    trade_date = day_params(cfg, params).trade_date
+    if trade_date is not None:
+        return date.fromisoformat(trade_date)
     when = logical_date or run_after
     if when is None:
         raise ParameterError("run has neither a logical date nor a trade_date param")
     return when.astimezone(UTC).date()
 
 
-def model_params(params: Mapping[str, Any] | None) -> tick_model.ModelParams:
-    """DAG params -> ModelParams, every parameter (``trade_date`` and ``max_bad_share`` too)
-    typed and bounded by the specs in ``common.config`` (scripts.core.params); unknown keys fail."""
-    return run_params.build(tick_model.ModelParams, SPECS, params, DAG_ID)
+# -- the steps --------------------------------------------------------------------------------
+def start(cfg: WorkflowConfig, params: Mapping[str, Any] | None, *, logical_date: datetime | None = None,
+          run_after: datetime | None = None, lake: str | None = None) -> Day:
+    """The first step, before any work: every run parameter checked (an unknown key or a bad value
+    fails here, not after hours of waiting), and the run's day, lake (``lake``, else TICK_LAKE) and
+    bad-row limit fixed for the steps after it."""
+    model_params(cfg, params)
+    return Day(day=trade_day(cfg, params, logical_date, run_after).isoformat(),
+               lake=lake or paths.tick_lake(), max_bad_share=day_params(cfg, params).max_bad_share)
 
 
-def partition_ready(lake_uri: str, day: date) -> bool:
-    return Lake.open(lake_uri).day_ready(day)
+def _day(day: Day) -> date:
+    return date.fromisoformat(day["day"])
 
 
-def validate(lake_uri: str, day: date, max_bad_share: float) -> dict[str, Any]:
-    """Check every symbol partition of ``day``; raise on one that may not be used."""
+def _only_day(day: Day) -> Day:
+    """The Day part of a record that extends it (a Validated passed on as the day)."""
+    return Day(day=day["day"], lake=day["lake"], max_bad_share=day["max_bad_share"])
+
+
+def partition_ready(day: Day) -> bool:
+    return Lake.open(day["lake"]).day_ready(_day(day))
+
+
+def validate(day: Day) -> Validated:
+    """Check every symbol partition of the day; raise on one that may not be used."""
     threads.apply()
     import pyarrow.parquet as pq
 
-    from scripts.tick.importer import SCHEMA_VERSION
-
-    lake = Lake.open(lake_uri)
-    symbols = lake.symbols(day)
+    lake, when, max_bad_share = Lake.open(day["lake"]), _day(day), day["max_bad_share"]
+    symbols = lake.symbols(when)
     if not symbols:
-        raise DataValidationError(lake.display(lake.day_dir(tick_lake.TRADES, day)), "no symbol partitions")
+        raise DataValidationError(lake.display(lake.day_dir(tick_lake.TRADES, when)), "no symbol partitions")
     trades = bad = 0
     parts = []
     synthetic = False
     for symbol in symbols:
-        folder = lake.trade_dir(day, symbol)
+        folder = lake.trade_dir(when, symbol)
         where = lake.display(folder)
         manifest_path = f"{folder}/{tick_lake.MANIFEST_FILE}"
         if not lake.exists(manifest_path):
             raise DataValidationError(where, f"no {tick_lake.MANIFEST_FILE}: not written by the importer")
         manifest = lake.read_json(manifest_path)
-        if manifest.get("schema_version") != SCHEMA_VERSION:
+        if manifest.get("schema_version") != tick_lake.SCHEMA_VERSION:
             raise DataValidationError(manifest_path, f"schema_version {manifest.get('schema_version')}, "
-                                      f"expected {SCHEMA_VERSION}", field="schema_version")
+                                      f"expected {tick_lake.SCHEMA_VERSION}", field="schema_version")
         if manifest["bad_share"] > max_bad_share:
             raise DataValidationError(where, f"{manifest['bad_rows']} of {manifest['rows_in']} rows "
                                       f"({manifest['bad_share']:.2%}) were quarantined, over the limit "
@@ -105,7 +177,7 @@ def validate(lake_uri: str, day: date, max_bad_share: float) -> dict[str, Any]:
             raise DataValidationError(f"{where}/{tick_lake.PART_FILE}",
                                       "content differs from its manifest (changed after import)")
         names = set(pq.read_schema(io.BytesIO(data)).names)
-        if missing := tick_features.TRADE_COLUMNS - names:
+        if missing := tick_lake.TRADE_COLUMNS - names:
             raise DataValidationError(f"{where}/{tick_lake.PART_FILE}", f"lacks columns {sorted(missing)}",
                                       field=sorted(missing)[0])
         _check_values(pq.read_table(io.BytesIO(data), columns=["price", "size"]), f"{where}/{tick_lake.PART_FILE}")
@@ -113,8 +185,8 @@ def validate(lake_uri: str, day: date, max_bad_share: float) -> dict[str, Any]:
         bad += manifest["bad_rows"]
         synthetic = synthetic or bool(manifest["synthetic"])
         parts.append((symbol, manifest["sha256"]))
-    return {"day": day.isoformat(), "symbols": symbols, "trades": trades, "quarantined": bad,
-            "data_version": tick_lake.version_of(parts, synthetic), "synthetic": synthetic}
+    return Validated(**_only_day(day), symbols=symbols, trades=trades, quarantined=bad,
+                     data_version=tick_lake.version_of(parts, synthetic), synthetic=synthetic)
 
 
 def _check_values(table, where: str) -> None:
@@ -131,10 +203,12 @@ def _check_values(table, where: str) -> None:
                                       f"({int(bad.sum())} such rows)", field=name)
 
 
-def build_features(lake_uri: str, day: date) -> dict[str, Any]:
+def build_features(day: Day) -> Built:
+    """(Re)build the day's feature partition from its trade partitions."""
     threads.apply()  # before Polars loads: it sizes its pool (POLARS_MAX_THREADS) once, at import
-    result = tick_features.build_day(lake_uri, day)
-    return {**dataclasses.asdict(result), "trades_per_second": result.trades_per_second}
+    result = tick_features.build_day(day["lake"], _day(day))
+    fields = {**dataclasses.asdict(result), **_only_day(day)}  # both name the same "day"
+    return Built(**fields, trades_per_second=result.trades_per_second)
 
 
 def history(lake: Lake, day: date, train_days: int) -> list[date]:
@@ -146,8 +220,8 @@ def _feature_sha(lake: Lake, day: date) -> str:
     return lake.read_json(f"{lake.day_dir(tick_lake.FEATURES, day)}/{tick_lake.MANIFEST_FILE}")["sha256"]
 
 
-def train(lake_uri: str, day: date, params: Mapping[str, Any] | None, who: AirflowIdentity) -> dict[str, Any]:
-    """Fit on the rolling window of days before ``day``; log params, model and lineage."""
+def train(cfg: WorkflowConfig, run_day: Day, params: Mapping[str, Any] | None, who: AirflowIdentity) -> Trained:
+    """Fit on the rolling window of days before the run's day; log params, model and lineage."""
     task_threads = threads.apply()  # before Polars, XGBoost and numpy load
     import mlflow
     import numpy
@@ -157,8 +231,8 @@ def train(lake_uri: str, day: date, params: Mapping[str, Any] | None, who: Airfl
 
     from scripts.tick.pyfunc import TickVolatilityModel
 
-    cfg = config.get(DAG_ID)
-    mp = model_params(params)
+    mp = model_params(cfg, params)
+    lake_uri, day = run_day["lake"], _day(run_day)
     lake = Lake.open(lake_uri)
     days = history(lake, day, mp.train_days)
     if not days:
@@ -173,15 +247,15 @@ def train(lake_uri: str, day: date, params: Mapping[str, Any] | None, who: Airfl
     version = tick_lake.version_of([(d.isoformat(), _feature_sha(lake, d)) for d in days]
                                    + [(f"eval:{day}", eval_sha)], synthetic)
     with mlflow_utils.task_run(cfg.experiment, who, version,
-                               {"workflow": DAG_ID, "model_name": cfg.model_name,
+                               {"workflow": cfg.dag_id, "model_name": cfg.model_name,
                                 "data.synthetic": str(synthetic).lower(), "trade_date": day.isoformat()}) as run:
         progress.run_meta(mlflow_run_id=run.info.run_id)
         mlflow.set_tag("task_threads", str(task_threads))  # a tag: a retry may get another share
-        mlflow.log_params({**tick_model.params_dict(mp), "lake": lake_uri, "trade_date": day.isoformat(),
+        mlflow.log_params({**dataclasses.asdict(mp), "lake": lake_uri, "trade_date": day.isoformat(),
                            "train_first_day": days[0].isoformat(), "train_last_day": days[-1].isoformat(),
                            "n_train_days": len(days), "features": ",".join(tick_features.FEATURES)})
         log.info("%s train: %d rows of %d day(s) (%s..%s), up to %d boosting rounds, XGBoost on %d "
-                 "thread(s)", DAG_ID, frame.height, len(days), days[0], days[-1], mp.num_boost_round,
+                 "thread(s)", cfg.dag_id, frame.height, len(days), days[0], days[-1], mp.num_boost_round,
                  threads.capped(mp.nthread))
         result = tick_model.fit(frame, mp)
         progress.emit({"step": "train", "best_iteration": result.best_iteration,
@@ -193,13 +267,14 @@ def train(lake_uri: str, day: date, params: Mapping[str, Any] | None, who: Airfl
             result.model.save(Path(tmp) / "har_xgb")
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=TickVolatilityModel(), artifacts={"model": f"{tmp}/har_xgb"},
-                code_paths=[str(Path(__file__).resolve().parent)],
+                # The scripts package (tick, and the core it uses), so the model loads outside this repo.
+                code_paths=[str(Path(__file__).resolve().parents[1])],
                 signature=infer_signature(example, result.model.predict(example)),
                 input_example=example.head(5),
                 pip_requirements=[f"xgboost=={xgboost.__version__}", f"numpy=={numpy.__version__}",
                                   f"pandas=={pandas.__version__}", f"mlflow=={mlflow.__version__}"])
-        return {"run_id": run.info.run_id, "model_uri": info.model_uri, "data_version": version,
-                "train_days": [d.isoformat() for d in days], "synthetic": synthetic}
+        return Trained(run_id=run.info.run_id, model_uri=info.model_uri, data_version=version,
+                       train_days=[d.isoformat() for d in days], synthetic=synthetic)
 
 
 def _load(model_uri: str) -> tick_model.HarXgbModel:
@@ -208,13 +283,12 @@ def _load(model_uri: str) -> tick_model.HarXgbModel:
     return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().model
 
 
-def evaluate(lake_uri: str, day: date, built: Mapping[str, Any], trained: Mapping[str, Any]) -> registry.Evaluated:
+def evaluate(cfg: WorkflowConfig, built: Built, trained: Trained) -> registry.Evaluated:
     """Walk-forward scores of model, persistence, HAR and champion on the day; plots to MLflow."""
     threads.apply()
     mlflow_utils.configure()  # before the first load: the server may be known only by its connection
-    cfg = config.get(DAG_ID)
     started = time.perf_counter()
-    frame = tick_features.load_features(Lake.open(lake_uri), [day])
+    frame = tick_features.load_features(Lake.open(built["lake"]), [_day(built)])
     evaluation = tick_model.evaluate(_load(trained["model_uri"]), frame)
     champion = registry.score_champion(cfg, lambda uri: tick_model.evaluate(_load(uri), frame).metrics)
     metrics = {**evaluation.metrics, "features_trades_per_second": float(built["trades_per_second"]),
@@ -227,38 +301,13 @@ def evaluate(lake_uri: str, day: date, built: Mapping[str, Any], trained: Mappin
     return registry.log_evaluation(cfg, trained["run_id"], metrics, champion, artifacts)
 
 
-def register(validated: Mapping[str, Any], trained: Mapping[str, Any], evaluated: Mapping[str, Any],
+def register(cfg: WorkflowConfig, validated: Validated, trained: Trained, evaluated: registry.Evaluated,
              who: AirflowIdentity) -> dict[str, Any]:
+    """Register the challenger with its lineage; the gate decides whether it becomes champion."""
     tags = {"data_version": str(trained["data_version"]), "trades_version": str(validated["data_version"]),
             "trade_date": str(validated["day"]), "synthetic": str(trained["synthetic"]).lower(),
             "dag_id": who.dag_id, "airflow_run_id": who.run_id}
     # A model fitted on simulated trades is registered (and tagged) but never becomes champion:
     # the alias that serving reads must only ever point at a model of real market data.
     ineligible = "trained on synthetic (simulated) trades" if trained["synthetic"] else None
-    decision = registry.register_and_decide(config.get(DAG_ID), trained, evaluated, tags, ineligible)
-    return decision.to_dict()
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Run the tick workflow's steps for one day.")
-    parser.add_argument("--day", type=date.fromisoformat, required=True)
-    parser.add_argument("--lake", default=paths.tick_lake())
-    parser.add_argument("--param", action="append", default=[], help="key=value model parameter")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
-    params = dict(p.split("=", 1) for p in args.param)
-    model_params(params)  # fail fast on a typo or a bad value, before any work
-    who = AirflowIdentity(DAG_ID, f"cli__{datetime.now(UTC):%Y%m%dT%H%M%S}", "cli")
-    limit = float(config.get(DAG_ID).params["max_bad_share"])
-    validated = validate(args.lake, args.day, limit)
-    built = build_features(args.lake, args.day)
-    trained = train(args.lake, args.day, params, who)
-    evaluated = evaluate(args.lake, args.day, built, trained)
-    decision = register(validated, trained, evaluated, who)
-    print(json.dumps({"validated": validated, "built": built, "metrics": evaluated["metrics"],
-                      "decision": decision}, indent=2, default=str))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return registry.register_and_decide(cfg, trained, evaluated, tags, ineligible).to_dict()

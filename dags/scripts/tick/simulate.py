@@ -1,8 +1,9 @@
 """A trade simulator for tests and for ``make demo`` where no real trade files are given.
 
 It writes the vendor CSV layout (``symbol,time,price,size,exchange,sale_condition,suspicious``,
-New York wall time) and imports it like real files, flagged ``synthetic``: the lake manifests,
-the data version (``synthetic-...``) and the MLflow tags all say so.
+New York wall time) and nothing else: the importer (``importer.import_simulated``, its ``simulate``
+and ``seed`` commands) imports those files like real ones, flagged ``synthetic``, so the lake
+manifests, the data version (``synthetic-...``) and the MLflow tags all say so.
 
 What makes it realistic enough for the model to have something to learn:
 - arrivals: a Poisson process with the U-shaped intraday intensity of US equities (busy open and
@@ -16,7 +17,6 @@ What makes it realistic enough for the model to have something to learn:
 from __future__ import annotations
 
 import gzip
-import tempfile
 from dataclasses import dataclass
 from datetime import date, timedelta
 from pathlib import Path
@@ -124,12 +124,3 @@ def write_vendor_files(folder: Path, start: date, days: int, seed: int = 7,
         files.append(path)
     return files
 
-
-def simulate_into(lake_uri: str, start: date, days: int, seed: int = 7,
-                  symbols: tuple[SymbolSpec, ...] = DEFAULT_SYMBOLS):
-    """Simulate ``days`` weekdays from ``start`` and import them, flagged synthetic."""
-    from scripts.tick import importer as tick_import
-
-    with tempfile.TemporaryDirectory(prefix="vtm-sim-") as tmp:
-        files = write_vendor_files(Path(tmp), start, days, seed, symbols)
-        return tick_import.import_files(lake_uri, files, synthetic=True)
