@@ -31,13 +31,13 @@ LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
 def graph() -> grimp.ImportGraph:
     sys.path.insert(0, str(DAGS))
     try:
-        return grimp.build_graph("common", "scripts", include_external_packages=True, cache_dir=None)
+        return grimp.build_graph("common", "scripts", "upstream", include_external_packages=True, cache_dir=None)
     finally:
         sys.path.remove(str(DAGS))
 
 
 def _internal(graph: grimp.ImportGraph) -> dict[str, set[str]]:
-    ours = {m for m in graph.modules if m.split(".")[0] in ("common", "scripts")}
+    ours = {m for m in graph.modules if m.split(".")[0] in ("common", "scripts", "upstream")}
     return {m: {i for i in graph.find_modules_directly_imported_by(m) if i in ours} for m in ours}
 
 

@@ -266,6 +266,7 @@ def test_import_task_for_upstream_dags(tmp_path, monkeypatch):
     """``upstream.tick_import.import_trades``: what the user's upstream DAG runs (its callable,
     called here as the task runner would)."""
     from airflow.sdk.exceptions import AirflowFailException
+
     from upstream.tick_import import import_trades
 
     monkeypatch.setenv("TICK_LAKE", str(tmp_path / "lake"))
