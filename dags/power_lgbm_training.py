@@ -19,9 +19,15 @@ Results: MLflow experiment `power-forecast`, registered model `power_lgbm`.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from airflow.sdk import dag, task
 
 from common import config
+
+if TYPE_CHECKING:  # the XCom types; the pipeline itself loads only inside a task (parse time)
+    from common.registry import Evaluated
+    from scripts.power.pipeline import Snapshot, Trained
 
 CFG = config.get("power_lgbm_training")
 
@@ -29,45 +35,38 @@ CFG = config.get("power_lgbm_training")
 @dag(**CFG.dag_kwargs(), doc_md=__doc__)
 def power_lgbm_training() -> None:
     @task
-    def prepare(**context) -> dict:
-        """Check the run's parameters, then fetch, validate, and snapshot the data; returns its
-        URI and data version."""
+    def prepare(**context) -> Snapshot:
+        """Check the run's parameters, then fetch, validate and snapshot the data."""
         from common.alerts import permanent_errors_fail_fast
-        from scripts.power import pipeline as power_pipeline
+        from scripts.power import pipeline
 
         with permanent_errors_fail_fast():  # bad params or data fail the same on every try
-            # What the Param schema cannot reject (an unknown key: Airflow passes it through)
-            # fails here, before any download or snapshot.
-            power_pipeline.model_params(context["params"])
-            return power_pipeline.prepare()
+            return pipeline.prepare(CFG, context["params"])
 
     @task
-    def train(snapshot: dict, **context) -> dict:
+    def train(snapshot: Snapshot, **context) -> Trained:
         """Fit and log the model; returns the MLflow run id and model URI."""
         from common.alerts import permanent_errors_fail_fast
         from common.mlflow_utils import AirflowIdentity
-        from scripts.power import pipeline as power_pipeline
+        from scripts.power import pipeline
 
         with permanent_errors_fail_fast():
-            who = AirflowIdentity.from_context(context)
-            return power_pipeline.train(snapshot, context["params"], who)
+            return pipeline.train(CFG, snapshot, context["params"], AirflowIdentity.from_context(context))
 
     @task
-    def evaluate(snapshot: dict, trained: dict) -> dict:
+    def evaluate(snapshot: Snapshot, trained: Trained) -> Evaluated:
         """Score model, baselines and champion on the same final 8 weeks."""
-        from scripts.power import pipeline as power_pipeline
+        from scripts.power import pipeline
 
-        return power_pipeline.evaluate(snapshot, trained)
+        return pipeline.evaluate(CFG, snapshot, trained)
 
-    # One-slot pool shared by every workflow: promotions never race.
-    @task(pool=config.REGISTRY_POOL.name)
-    def register(snapshot: dict, trained: dict, evaluated: dict, **context) -> dict:
+    @task(pool=config.REGISTRY_POOL.name)  # one slot shared by every workflow: promotions never race
+    def register(snapshot: Snapshot, trained: Trained, evaluated: Evaluated, **context) -> dict:
         """Register the challenger; promote to champion only through the gate."""
         from common.mlflow_utils import AirflowIdentity
-        from scripts.power import pipeline as power_pipeline
+        from scripts.power import pipeline
 
-        who = AirflowIdentity.from_context(context)
-        return power_pipeline.register(snapshot, trained, evaluated, who)
+        return pipeline.register(CFG, snapshot, trained, evaluated, AirflowIdentity.from_context(context))
 
     snapshot = prepare()
     trained = train(snapshot)

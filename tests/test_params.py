@@ -50,7 +50,7 @@ def test_image_params_rejected_naming_the_field(conf, field):
 ])
 def test_power_params_rejected_naming_the_field(conf, field):
     with pytest.raises(ParameterError) as err:
-        power_pipeline.model_params(conf)
+        power_pipeline.model_params(config.get("power_lgbm_training"), conf)
     assert err.value.field == field and field in str(err.value)
 
 
@@ -80,7 +80,8 @@ def test_valid_values_are_typed_and_cli_strings_cast():
                                                   "batch_size": None, "seed": 3.0})
     assert (cfg.epochs, cfg.learning_rate, cfg.seed, cfg.recipe.batch_size) == (3, 0.05, 3, 32)
     assert isinstance(cfg.seed, int)
-    mp = power_pipeline.model_params({"num_boost_round": "300", "learning_rate": "0.1", "lambda_l2": 0})
+    mp = power_pipeline.model_params(config.get("power_lgbm_training"),
+                                     {"num_boost_round": "300", "learning_rate": "0.1", "lambda_l2": 0})
     assert (mp.num_boost_round, mp.learning_rate, mp.lambda_l2) == (300, 0.1, 0.0)
     assert isinstance(mp.lambda_l2, float)
     # The whole of a run's params (what Airflow hands a task: every default filled in) parses.

@@ -160,17 +160,17 @@ def test_hourly_keeps_whole_days_and_leaves_outages_missing(tmp_path):
 
 def test_snapshot_is_content_addressed_and_written_once(tmp_path, synthetic_uci):
     first = power_data.prepare(synthetic_uci, tmp_path / "snaps")
-    manifest = tmp_path / "snaps" / first.data_version / power_data.MANIFEST_FILE
+    manifest = tmp_path / "snaps" / first["data_version"] / power_data.MANIFEST_FILE
     mtime = manifest.stat().st_mtime_ns
     again = power_data.prepare(synthetic_uci, tmp_path / "snaps")
-    assert again.data_version == first.data_version
+    assert again["data_version"] == first["data_version"]
     assert manifest.stat().st_mtime_ns == mtime, "an existing snapshot must not be rewritten"
-    assert first.data_version.startswith("power-")
-    hourly = power_data.load_snapshot(first.uri)
-    assert len(hourly) == first.rows and first.missing_hours >= 48  # the two-day outage
+    assert first["data_version"].startswith("power-")
+    hourly = power_data.load_snapshot(first["uri"])
+    assert len(hourly) == first["rows"] and first["missing_hours"] >= 48  # the two-day outage
 
     other = write_uci_file(tmp_path / "other.zip", days=120, seed=2)
-    assert power_data.prepare(other, tmp_path / "snaps").data_version != first.data_version
+    assert power_data.prepare(other, tmp_path / "snaps")["data_version"] != first["data_version"]
 
 
 def test_mirror_without_the_file_is_a_clear_error(tmp_path, monkeypatch):
@@ -185,7 +185,7 @@ def test_mirror_layout_is_read(tmp_path, monkeypatch, synthetic_uci):
     (mirror / "household_power_consumption.zip").write_bytes(synthetic_uci.read_bytes())
     monkeypatch.setenv("DATA_MIRROR", str(tmp_path / "mirror"))
     snap = power_data.prepare(None, tmp_path / "snaps")
-    assert snap.source.startswith(str(mirror))
+    assert snap["source"].startswith(str(mirror))
 
 
 def test_download_when_no_mirror(tmp_path, monkeypatch, synthetic_uci):
@@ -198,5 +198,5 @@ def test_download_when_no_mirror(tmp_path, monkeypatch, synthetic_uci):
         snap = power_data.prepare(None, tmp_path / "snaps")
     cached = tmp_path / "data" / "raw" / power_data.MIRROR_PATH
     assert cached.read_bytes() == synthetic_uci.read_bytes()
-    assert snap.source.startswith(str(cached))
+    assert snap["source"].startswith(str(cached))
     assert not list(cached.parent.glob(".part-*")), "no partial download left behind"

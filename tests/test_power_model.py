@@ -1,18 +1,25 @@
-"""Features, fit and scoring of the power model (no MLflow)."""
+"""Features, fit and scoring of the power model (no MLflow); the run-parameter path and XCom
+types of its pipeline and command line (no server: they fail before any MLflow call)."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from datetime import date
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from scripts.core.errors import TrainingError
+from common import config
+from scripts.core.errors import ParameterError, TrainingError
+from scripts.power import cli as power_cli
 from scripts.power import data as power_data
 from scripts.power import model as power_model
 from scripts.power import pipeline as power_pipeline
+
+CFG = config.get("power_lgbm_training")
 
 SMALL = dict(eval_weeks=2, validation_weeks=2, num_boost_round=200)
 
@@ -20,7 +27,7 @@ SMALL = dict(eval_weeks=2, validation_weeks=2, num_boost_round=200)
 @pytest.fixture(scope="module")
 def hourly(synthetic_uci, tmp_path_factory) -> pd.DataFrame:
     snap = power_data.prepare(synthetic_uci, tmp_path_factory.mktemp("snaps"))
-    return power_data.load_snapshot(snap.uri)
+    return power_data.load_snapshot(snap["uri"])
 
 
 def test_features_use_only_days_before_the_forecast_day(hourly):
@@ -70,10 +77,31 @@ def test_french_holidays():
 
 
 def test_pipeline_params_reject_unknown_keys_and_cast_types():
-    params = power_pipeline.model_params({"num_boost_round": "50", "learning_rate": "0.1"})
+    params = power_pipeline.model_params(CFG, {"num_boost_round": "50", "learning_rate": "0.1"})
     assert (params.num_boost_round, params.learning_rate) == (50, 0.1)
     with pytest.raises(ValueError, match="num_boost_rounds"):
-        power_pipeline.model_params({"num_boost_rounds": 5})
+        power_pipeline.model_params(CFG, {"num_boost_rounds": 5})
+
+
+def test_prepare_and_the_cli_refuse_a_bad_param_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setenv("VTM_DATA_DIR", str(tmp_path))  # nothing may be fetched or written there
+    with pytest.raises(ParameterError, match="num_boost_rounds"):
+        power_pipeline.prepare(CFG, {"num_boost_rounds": 5}, tmp_path / "missing.zip")
+    with pytest.raises(ParameterError, match="learning_rate"):
+        power_cli.main(["--source", str(tmp_path / "missing.zip"), "--param", "learning_rate=-1"])
+    with pytest.raises(SystemExit) as exit_:
+        power_cli.main(["--param", "num_boost_round"])  # no "=": a usage error, not a traceback
+    assert exit_.value.code == 2
+    assert not any(tmp_path.iterdir())
+
+
+def test_snapshot_xcom_is_a_plain_dict_of_the_manifest_and_its_uri(synthetic_uci, tmp_path, monkeypatch):
+    monkeypatch.setenv("VTM_DATA_DIR", str(tmp_path))
+    snapshot = power_pipeline.prepare(CFG, {"seed": "3"}, synthetic_uci)
+    assert list(snapshot) == list(power_pipeline.Snapshot.__annotations__)
+    assert type(snapshot) is dict and snapshot["uri"].startswith(str(tmp_path.resolve()))
+    manifest = json.loads((Path(snapshot["uri"]) / power_data.MANIFEST_FILE).read_text())
+    assert manifest == {k: v for k, v in snapshot.items() if k != "uri"}
 
 
 def test_last_year_features_look_only_at_days_before_the_forecast_day():

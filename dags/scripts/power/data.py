@@ -24,8 +24,8 @@ import io
 import json
 import logging
 import zipfile
-from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 import pandas as pd
@@ -55,9 +55,9 @@ SNAPSHOT_FILE = "hourly.parquet"
 MANIFEST_FILE = snapshots.MANIFEST_FILE
 
 
-@dataclass(frozen=True)
-class Snapshot:
-    """What ``prepare`` hands to later tasks through XCom: a location and a version, never data."""
+class Snapshot(TypedDict):
+    """What ``prepare`` hands to later tasks through XCom (a JSON-ready dict): a location and a
+    version, and what the manifest says of the data; never the data itself."""
 
     uri: str
     data_version: str
@@ -66,9 +66,6 @@ class Snapshot:
     end: str
     missing_hours: int
     source: str
-
-    def to_dict(self) -> dict[str, object]:
-        return asdict(self)
 
 
 def read_source_bytes(path: Path) -> tuple[bytes, str]:
@@ -225,16 +222,12 @@ def write_snapshot(hourly: pd.DataFrame, root: Path, source: str) -> Snapshot:
     """Write the snapshot once: a version that already exists is reused, never rewritten."""
     version = content_version(hourly)
     target = root / version
-    manifest = {
-        "data_version": version,
-        "rows": len(hourly),
-        "start": str(hourly.index[0]),
-        "end": str(hourly.index[-1]),
-        "missing_hours": int(hourly[TARGET].isna().sum()),
-        "source": source,
-    }
+    snapshot = Snapshot(uri=str(target), data_version=version, rows=len(hourly),
+                        start=str(hourly.index[0]), end=str(hourly.index[-1]),
+                        missing_hours=int(hourly[TARGET].isna().sum()), source=source)
+    manifest = {k: v for k, v in snapshot.items() if k != "uri"}
     snapshots.write_once(target, manifest, lambda folder: hourly.to_parquet(folder / SNAPSHOT_FILE))
-    return Snapshot(uri=str(target), **manifest)
+    return snapshot
 
 
 def load_snapshot(uri: str) -> pd.DataFrame:
@@ -252,8 +245,8 @@ def prepare(source: Path | None = None, out_root: Path | None = None) -> Snapsho
     raw, name = read_source_bytes(Path(source))
     hourly = to_hourly(parse_minutes(raw, name))
     snapshot = write_snapshot(hourly, out_root, source=name)
-    log.info("power snapshot %s: %d hours %s..%s (%d missing)", snapshot.data_version,
-             snapshot.rows, snapshot.start, snapshot.end, snapshot.missing_hours)
+    log.info("power snapshot %s: %d hours %s..%s (%d missing)", snapshot["data_version"],
+             snapshot["rows"], snapshot["start"], snapshot["end"], snapshot["missing_hours"])
     return snapshot
 
 
@@ -263,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="snapshot root (default: <data dir>/power/snapshots)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    print(json.dumps(prepare(args.source, args.out).to_dict()))
+    print(json.dumps(prepare(args.source, args.out)))
     return 0
 
 

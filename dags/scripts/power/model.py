@@ -223,7 +223,6 @@ class FitResult:
     train_seconds: float
     train_rows: int
     window_start: pd.Timestamp
-    feature_names: list[str]
 
 
 def eval_window_start(table: FeatureTable, eval_weeks: int) -> pd.Timestamp:
@@ -231,7 +230,10 @@ def eval_window_start(table: FeatureTable, eval_weeks: int) -> pd.Timestamp:
     return last_day - pd.Timedelta(days=7 * eval_weeks - 1)
 
 
-def fit(table: FeatureTable, params: ModelParams, progress_label: str = "power_lgbm train") -> FitResult:
+PROGRESS_LABEL = "power_lgbm train"
+
+
+def fit(table: FeatureTable, params: ModelParams) -> FitResult:
     """Early-stop on the weeks just before the eval window, then refit on all pre-window days."""
     import lightgbm as lgb
 
@@ -253,7 +255,7 @@ def fit(table: FeatureTable, params: ModelParams, progress_label: str = "power_l
     val_set = lgb.Dataset(X[val_mask], y[val_mask], reference=train_set)
     # The training set among valid_sets costs nothing (LightGBM keeps its scores) and early
     # stopping ignores it: it is the loss the progress lines report.
-    probe_progress = progress.Progress(f"{progress_label} early-stopping probe", "round",
+    probe_progress = progress.Progress(f"{PROGRESS_LABEL} early-stopping probe", "round",
                                        params.num_boost_round, at_most=True)
     probe = lgb.train(lgb_params, train_set, num_boost_round=params.num_boost_round,
                       valid_sets=[train_set, val_set], valid_names=["train", "valid"],
@@ -269,14 +271,13 @@ def fit(table: FeatureTable, params: ModelParams, progress_label: str = "power_l
     # averaged. One booster's skill moves by +-0.4 points with the seed alone; the average is
     # both steadier and better (see docs/power_lgbm_training.md).
     size = max(1, params.ensemble_size)
-    refit_progress = progress.Progress(f"{progress_label} refit of {size} seed(s)", "round", rounds * size)
+    refit_progress = progress.Progress(f"{PROGRESS_LABEL} refit of {size} seed(s)", "round", rounds * size)
     members = [lgb.train({**lgb_params, "seed": params.seed + i}, full_set, num_boost_round=rounds,
                          valid_sets=[full_set], valid_names=["train"],
                          callbacks=[progress.lightgbm_callback(refit_progress, offset=i * rounds)])
                for i in range(size)]
     booster = average_boosters(members)
-    return FitResult(booster, rounds, time.perf_counter() - started, int(full_mask.sum()),
-                     window_start, list(X.columns))
+    return FitResult(booster, rounds, time.perf_counter() - started, int(full_mask.sum()), window_start)
 
 
 _TREE_HEADER = re.compile(r"^Tree=\d+\n", re.MULTILINE)

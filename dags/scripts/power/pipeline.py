@@ -1,50 +1,67 @@
 """The power workflow's steps as plain functions, each logging to MLflow: prepare, train,
-evaluate, register. The DAG calls them one per task; the CLI runs them all in one process.
+evaluate, register. The DAG calls them one per task with the ``WorkflowConfig`` it holds; the
+command line (``scripts.power.cli``) runs them all in one process.
 
-Between steps only small dicts travel (snapshot URI and data version, MLflow run id and model URI,
-metrics): exactly what Airflow passes through XCom.
+Between steps only small JSON-ready dicts travel, exactly what Airflow passes through XCom:
+:class:`Snapshot` (where the data lies and its version; declared in ``data``, which writes it),
+:class:`Trained` (the MLflow run and its model), ``registry.Evaluated`` (metrics, and the champion
+scored on the same hours).
 
-CLI: ``python -m scripts.power.pipeline [--source FILE] [--param key=value ...]`` prints one
-``VTM_PROGRESS::{json}`` line per step and ``VTM_RUN_META::{json}`` once; exit 0 only on success.
+The run's params (DAG params, trigger conf, ``--param`` strings) take one path: :func:`model_params`
+parses them against ``cfg.run_params`` into the trainer's ``ModelParams``. ``prepare`` does so
+before any work, so a bad key or value fails the run first; ``train`` does so to use them.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import time
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
-from common import config, mlflow_utils, registry
+from common import mlflow_utils, registry
+from common.config import WorkflowConfig
 from common.mlflow_utils import AirflowIdentity
-from scripts.core import params as run_params
 from scripts.core import progress, threads
-from scripts.power import data as power_data
-from scripts.power import model as power_model
+from scripts.core.params import build
+from scripts.power import data, model
+from scripts.power.data import Snapshot  # prepare's XCom, declared where it is written
+from scripts.power.model import ModelParams
 
 log = logging.getLogger(__name__)
 
-DAG_ID = "power_lgbm_training"
+
+class Trained(TypedDict):
+    """``train``'s XCom: the MLflow run, the logged model, and where the evaluation window starts."""
+
+    run_id: str
+    model_uri: str
+    window_start: str
 
 
-def model_params(overrides: Mapping[str, Any] | None) -> power_model.ModelParams:
-    """DAG params / trigger conf / ``--param`` strings -> ModelParams, typed and bounded by the
-    specs in ``common.config`` (scripts.core.params); an unknown key or a bad value is a
-    ParameterError naming the field, never silently ignored."""
-    return run_params.build(power_model.ModelParams, config.get(DAG_ID).run_params, overrides, DAG_ID)
+def model_params(cfg: WorkflowConfig, values: Mapping[str, Any] | None) -> ModelParams:
+    """The run's params -> ModelParams, typed and bounded by ``cfg.run_params``; an unknown key or
+    a bad value is a ParameterError naming the field, never silently ignored."""
+    return build(ModelParams, cfg.run_params, values, cfg.dag_id)
 
 
-def prepare(source: str | None = None) -> dict[str, Any]:
+def prepare(cfg: WorkflowConfig, values: Mapping[str, Any] | None,
+            source: str | Path | None = None) -> Snapshot:
+    """Check the run's params, then fetch (``source``, the mirror or a download), validate and
+    snapshot the data."""
+    model_params(cfg, values)  # what the Param schema cannot reject fails here, before any download
     threads.apply()
-    return power_data.prepare(Path(source) if source else None).to_dict()
+    return data.prepare(Path(source) if source else None)
 
 
-def train(snapshot: Mapping[str, Any], params: Mapping[str, Any] | None,
-          who: AirflowIdentity) -> dict[str, str]:
+def _features(snapshot: Snapshot) -> model.FeatureTable:
+    return model.build_features(data.load_snapshot(snapshot["uri"]))
+
+
+def train(cfg: WorkflowConfig, snapshot: Snapshot, values: Mapping[str, Any] | None,
+          who: AirflowIdentity) -> Trained:
     """Fit on the snapshot and log params, model (signature + input example) to a tagged run."""
     task_threads = threads.apply()  # before the numeric libraries load: they size pools once
     import lightgbm
@@ -53,20 +70,19 @@ def train(snapshot: Mapping[str, Any], params: Mapping[str, Any] | None,
     import pandas
     from mlflow.models import infer_signature
 
-    cfg = config.get(DAG_ID)
-    mp = model_params(params)
-    table = power_model.build_features(power_data.load_snapshot(str(snapshot["uri"])))
-    with mlflow_utils.task_run(cfg.experiment, who, str(snapshot["data_version"]),
-                               {"workflow": DAG_ID, "model_name": cfg.model_name}) as run:
+    settings = model_params(cfg, values)
+    table = _features(snapshot)
+    with mlflow_utils.task_run(cfg.experiment, who, snapshot["data_version"],
+                               {"workflow": cfg.dag_id, "model_name": cfg.model_name}) as run:
         progress.run_meta(mlflow_run_id=run.info.run_id)
         mlflow.set_tag("task_threads", str(task_threads))  # a tag: a retry may get another share
-        mlflow.log_params({**dataclasses.asdict(mp), "snapshot_uri": snapshot["uri"],
+        mlflow.log_params({**dataclasses.asdict(settings), "snapshot_uri": snapshot["uri"],
                            "data_start": snapshot["start"], "data_end": snapshot["end"],
                            "n_features": len(table.columns)})
         log.info("%s train: %d rows x %d features, up to %d boosting rounds, LightGBM on %d thread(s)",
-                 DAG_ID, len(table.features), len(table.columns), mp.num_boost_round,
-                 threads.capped(mp.num_threads))
-        result = power_model.fit(table, mp)
+                 cfg.dag_id, len(table.features), len(table.columns), settings.num_boost_round,
+                 threads.capped(settings.num_threads))
+        result = model.fit(table, settings)
         progress.emit({"step": "train", "best_iteration": result.best_iteration,
                        "train_seconds": round(result.train_seconds, 2)})
         mlflow.log_params({"train_end": str(result.window_start - pandas.Timedelta(hours=1)),
@@ -81,66 +97,41 @@ def train(snapshot: Mapping[str, Any], params: Mapping[str, Any] | None,
             pip_requirements=[f"lightgbm=={lightgbm.__version__}", f"pandas=={pandas.__version__}",
                               f"numpy=={numpy.__version__}"],
         )
-        return {"run_id": run.info.run_id, "model_uri": info.model_uri,
-                "window_start": str(result.window_start)}
+        return Trained(run_id=run.info.run_id, model_uri=info.model_uri,
+                       window_start=str(result.window_start))
 
 
-def evaluate(snapshot: Mapping[str, Any], trained: Mapping[str, str]) -> registry.Evaluated:
+def evaluate(cfg: WorkflowConfig, snapshot: Snapshot, trained: Trained) -> registry.Evaluated:
     """Score model, baselines and champion on the same window; log metrics and plots."""
     threads.apply()
     mlflow_utils.configure()  # before the first load: the server may be known only by its connection
     import mlflow
     import pandas
 
-    cfg = config.get(DAG_ID)
     started = time.perf_counter()
-    table = power_model.build_features(power_data.load_snapshot(str(snapshot["uri"])))
+    table = _features(snapshot)
     window_start = pandas.Timestamp(trained["window_start"])
     booster = mlflow.lightgbm.load_model(trained["model_uri"])
-    evaluation = power_model.score(booster.predict, table, window_start)
+    evaluation = model.score(booster.predict, table, window_start)
 
     def score(model_uri: str) -> dict[str, float]:  # the champion, exactly as the challenger
         champion = mlflow.lightgbm.load_model(model_uri)
         features = champion.feature_name()
-        return power_model.score(lambda X: champion.predict(X[features]), table, window_start).metrics
+        return model.score(lambda X: champion.predict(X[features]), table, window_start).metrics
 
     champion = registry.score_champion(cfg, score)
     metrics = {**evaluation.metrics, "evaluate_seconds": time.perf_counter() - started}
 
     def artifacts(folder: str) -> None:
-        power_model.plot_forecast(evaluation.frame, f"{folder}/forecast_vs_actual.png")
-        power_model.plot_importance(booster, f"{folder}/feature_importance.png")
+        model.plot_forecast(evaluation.frame, f"{folder}/forecast_vs_actual.png")
+        model.plot_importance(booster, f"{folder}/feature_importance.png")
         evaluation.frame.to_csv(f"{folder}/eval_forecasts.csv", index=False)
 
     return registry.log_evaluation(cfg, trained["run_id"], metrics, champion, artifacts)
 
 
-def register(snapshot: Mapping[str, Any], trained: Mapping[str, str],
-             evaluated: Mapping[str, Any], who: AirflowIdentity) -> dict[str, Any]:
-    """Register the challenger and apply the promotion gate."""
-    tags = {"data_version": str(snapshot["data_version"]), "dag_id": who.dag_id, "airflow_run_id": who.run_id}
-    return registry.register_and_decide(config.get(DAG_ID), trained, evaluated, tags).to_dict()
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Run the power workflow outside Airflow")
-    parser.add_argument("--source", help="UCI zip or txt (default: DATA_MIRROR or download)")
-    parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                        help="model parameter override, e.g. --param num_boost_round=50")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
-    params = dict(p.split("=", 1) for p in args.param)
-    model_params(params)  # fail fast on a typo, before any work
-    who = AirflowIdentity(DAG_ID, f"cli__{datetime.now(UTC):%Y%m%dT%H%M%S}", "train")
-    snapshot = prepare(args.source)
-    progress.step("prepare", data_version=snapshot["data_version"])
-    trained = train(snapshot, params, who)  # VTM_RUN_META once its MLflow run is open
-    evaluated = evaluate(snapshot, trained)
-    progress.step("evaluate", **{k: round(v, 4) for k, v in evaluated["metrics"].items()})
-    decision = register(snapshot, trained, evaluated, who)
-    progress.step("register", **decision)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+def register(cfg: WorkflowConfig, snapshot: Snapshot, trained: Trained, evaluated: registry.Evaluated,
+             who: AirflowIdentity) -> dict[str, object]:
+    """Register the challenger and apply the promotion gate; returns the decision."""
+    tags = {"data_version": snapshot["data_version"], "dag_id": who.dag_id, "airflow_run_id": who.run_id}
+    return registry.register_and_decide(cfg, trained, evaluated, tags).to_dict()
