@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "dags"))
 
 from scripts.image import data as image_data  # noqa: E402
-from scripts.image.base import TrainConfig  # noqa: E402
+from scripts.image.base import TrainConfig, draw_subset  # noqa: E402
 
 
 def available_devices() -> list[str]:
@@ -67,7 +67,7 @@ def main() -> int:
                 for profile in args.profiles:
                     cfg = TrainConfig(dataset=dataset, profile=profile, framework=framework,
                                       device=device, seed=args.seed)
-                    result = train(arrays, cfg)
+                    result = train(draw_subset(arrays, cfg.recipe, cfg.seed).apply(arrays), cfg)
                     row = {"dataset": dataset, "framework": framework, "profile": profile,
                            "device": result.device, "epochs": cfg.recipe.epochs,
                            "test_accuracy": round(result.test_accuracy, 4),

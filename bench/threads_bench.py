@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT / "dags"))
 
 from scripts.core import threads  # noqa: E402
 from scripts.image import data as image_data  # noqa: E402
-from scripts.image.base import TrainConfig  # noqa: E402
+from scripts.image.base import TrainConfig, draw_subset  # noqa: E402
 
 POWER_LOOP = r"""
 import sys, time
@@ -46,7 +46,8 @@ def epochs(arrays, profile: str, repeats: int) -> list[float]:
 
     seconds: list[float] = []
     for seed in range(repeats):
-        result = train_torch(arrays, TrainConfig(dataset="mnist", profile=profile, device="cpu", seed=seed))
+        cfg = TrainConfig(dataset="mnist", profile=profile, device="cpu", seed=seed)
+        result = train_torch(draw_subset(arrays, cfg.recipe, seed).apply(arrays), cfg)
         seconds += [e.seconds for e in result.history]
     return seconds
 

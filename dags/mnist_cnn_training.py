@@ -7,27 +7,67 @@ one-cycle schedule, mixed precision and channels-last on CUDA), on the GPU worke
 `prepare` validates the four official IDX files (torchvision's download, or `DATA_MIRROR/mnist/`) and writes a versioned array snapshot -> `train` (GPU pool and queue;
 PyTorch, or `framework="tensorflow"` for Keras 3; per-epoch metrics and checkpoints, a retry resumes)
 -> `evaluate` scores the logged model, a nearest-centroid baseline and the champion on the same test
-images -> `register` registers `mnist_cnn`; `champion` moves only when test accuracy >= 0.99 and
+images and logs the confusion matrix and misclassified images -> `register` registers `mnist_cnn`; `champion` moves only when test accuracy >= 0.99 and
 beats the champion. The `smoke` profile (small subset, CPU, seconds) never promotes.
 
 Params (typed, bounded and described in the trigger form; declared in `common/config.py`):
 `profile` (smoke | fast | quality), `framework` (pytorch | tensorflow), and optionally `epochs`
 (>= 1), `batch_size` (>= 1), `learning_rate` (> 0), `seed` (>= 0), `device` (auto | cpu | cuda).
-A bad value is refused when the run is triggered; an unknown key fails `prepare` before any work.
+A bad value is refused when the run is triggered; an unknown key fails `prepare` before any work,
+without retries. Steps: `scripts/image/pipeline.py`; the same run without Airflow: `scripts/image/cli.py`.
 """
 
 from __future__ import annotations
 
-from airflow.sdk import dag
+from typing import TYPE_CHECKING
 
-from common import config, image_tasks
+from airflow.sdk import dag, task
+
+from common import config
+
+if TYPE_CHECKING:  # the XCom types; the pipeline itself loads only inside a task (parse time)
+    from common.registry import Evaluated
+    from scripts.image.pipeline import Snapshot, Trained
 
 CFG = config.get("mnist_cnn_training")
+DATASET = "mnist"  # named once here; it travels on in the Snapshot
 
 
 @dag(**CFG.dag_kwargs(), doc_md=__doc__)
 def mnist_cnn_training() -> None:
-    prepare, train, evaluate, register = image_tasks.build("mnist", CFG)
+    @task
+    def prepare(**context) -> Snapshot:
+        """Check the run's parameters, then fetch, validate and snapshot the images."""
+        from common.alerts import permanent_errors_fail_fast
+        from scripts.image import pipeline
+
+        with permanent_errors_fail_fast():  # bad params or data fail the same on every try
+            return pipeline.prepare(CFG, DATASET, context["params"])
+
+    @task(**CFG.train_task_args())  # the GPU pool and queue; a retry resumes from the last epoch
+    def train(snapshot: Snapshot, **context) -> Trained:
+        """Train on the run's image subset, per-epoch metrics and checkpoints; log to MLflow."""
+        from common.alerts import permanent_errors_fail_fast
+        from common.mlflow_utils import AirflowIdentity
+        from scripts.image import pipeline
+
+        with permanent_errors_fail_fast():
+            return pipeline.train(CFG, snapshot, context["params"], AirflowIdentity.from_context(context))
+
+    @task
+    def evaluate(snapshot: Snapshot, trained: Trained) -> Evaluated:
+        """The logged model, a nearest-centroid baseline and the champion on the same images."""
+        from scripts.image import pipeline
+
+        return pipeline.evaluate(CFG, snapshot, trained)
+
+    @task(pool=config.REGISTRY_POOL.name)  # one slot shared by every workflow: promotions never race
+    def register(snapshot: Snapshot, trained: Trained, evaluated: Evaluated, **context) -> dict:
+        """Register the challenger; promote only through the gate (smoke never promotes)."""
+        from common.mlflow_utils import AirflowIdentity
+        from scripts.image import pipeline
+
+        return pipeline.register(CFG, snapshot, trained, evaluated, AirflowIdentity.from_context(context))
 
     snapshot = prepare()
     trained = train(snapshot)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from scripts.image import data as image_data
+from scripts.image import idx
 from tests.test_image_data import CIFAR_CLASSES, add_member, encode, idx_bytes
 
 
@@ -31,7 +31,7 @@ def write_mnist_mirror(mirror: Path, n_train: int = 1000, n_test: int = 200) -> 
     x_test, y_test = learnable(n_test, (28, 28, 1), 2)
     arrays = {"train_images": x_train[..., 0], "train_labels": y_train,
               "test_images": x_test[..., 0], "test_labels": y_test}
-    for key, filename in image_data.MNIST_FILES.items():
+    for key, filename in idx.MNIST_FILES.items():
         (folder / filename).write_bytes(gzip.compress(idx_bytes(arrays[key])))
     return mirror
 

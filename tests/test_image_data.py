@@ -1,4 +1,5 @@
-"""MNIST / CIFAR-10 loaders and validation, on small files in the official formats the tests write."""
+"""MNIST / CIFAR-10 readers (idx, cifar, folder), validation and snapshots (data), on small files
+in the official formats the tests write."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ import pytest
 from PIL import Image
 
 from scripts.core.errors import DataSourceError, DataValidationError
+from scripts.image import cifar, cli, idx
 from scripts.image import data as image_data
+from scripts.image.base import ImageArrays
 from tests.helpers import SHARED_DATA, serve_directory
 
 CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -44,7 +47,7 @@ def write_mnist(directory: Path, n_train: int = 50, n_test: int = 20, seed: int 
         "test_labels": (np.arange(n_test)[::-1] % 10).astype(np.uint8),
     }
     directory.mkdir(parents=True, exist_ok=True)
-    for key, filename in image_data.MNIST_FILES.items():
+    for key, filename in idx.MNIST_FILES.items():
         (directory / filename).write_bytes(gzip.compress(idx_bytes(arrays[key])))
     return arrays
 
@@ -67,13 +70,13 @@ def write_cifar_python(path: Path, per_batch: int = 10, seed: int = 0,
     labels = np.arange(6 * per_batch) % 10
     members = {"batches.meta": {b"label_names": [c.encode() for c in CIFAR_CLASSES],
                                 b"num_cases_per_batch": per_batch, b"num_vis": 3072}}
-    for i, name in enumerate([*image_data.CIFAR_TRAIN_BATCHES, image_data.CIFAR_TEST_BATCH]):
+    for i, name in enumerate([*cifar.CIFAR_TRAIN_BATCHES, cifar.CIFAR_TEST_BATCH]):
         rows = slice(i * per_batch, (i + 1) * per_batch)
         members[name] = {b"batch_label": f"batch {i}".encode(), b"data": data[rows],
                          b"labels": [int(v) for v in labels[rows]],
                          b"filenames": [f"img_{j}.png".encode() for j in range(per_batch)]}
     if test_labels is not None:
-        members[image_data.CIFAR_TEST_BATCH][b"labels"] = test_labels
+        members[cifar.CIFAR_TEST_BATCH][b"labels"] = test_labels
     with tarfile.open(path, "w:gz") as tar:
         for name, obj in members.items():
             add_member(tar, f"cifar-10-batches-py/{name}", pickle.dumps(obj, protocol=2))
@@ -163,7 +166,7 @@ def test_truncated_idx_names_the_file(mnist_dir):
     path = directory / "train-images-idx3-ubyte.gz"
     path.write_bytes(gzip.compress(raw[:-100]))  # a valid gzip of a short file
     with pytest.raises(DataValidationError, match="truncated") as err:
-        image_data.read_mnist(directory)
+        idx.read_mnist(directory)
     assert err.value.path == str(path) and err.value.field == "length"
 
 
@@ -173,11 +176,11 @@ def test_corrupt_gzip_names_the_file(mnist_dir):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])  # gzip cut in the middle: EOFError inside gzip
     with pytest.raises(DataValidationError, match="gzip") as err:
-        image_data.read_mnist(directory)
+        idx.read_mnist(directory)
     assert err.value.path == str(path)
     path.write_bytes(b"not gzip at all" * 10)
     with pytest.raises(DataValidationError, match="gzip"):
-        image_data.read_mnist(directory)
+        idx.read_mnist(directory)
 
 
 def test_wrong_magic_names_the_file(mnist_dir):
@@ -186,7 +189,7 @@ def test_wrong_magic_names_the_file(mnist_dir):
     # Images where labels belong: a valid IDX file with the wrong magic (3 dims, not 1).
     path.write_bytes(gzip.compress(idx_bytes(written["train_images"])))
     with pytest.raises(DataValidationError, match="magic number 0x00000803") as err:
-        image_data.read_mnist(directory)
+        idx.read_mnist(directory)
     assert (err.value.path, err.value.field) == (str(path), "magic")
 
 
@@ -195,7 +198,7 @@ def test_image_label_count_mismatch(mnist_dir):
     path = directory / "train-labels-idx1-ubyte.gz"
     path.write_bytes(gzip.compress(idx_bytes(written["train_labels"][:-1])))
     with pytest.raises(DataValidationError, match="49 labels for 50 images") as err:
-        image_data.read_mnist(directory)
+        idx.read_mnist(directory)
     assert err.value.path == str(path)
 
 
@@ -204,7 +207,7 @@ def test_wrong_image_size(mnist_dir):
     path = directory / "t10k-images-idx3-ubyte.gz"
     path.write_bytes(gzip.compress(idx_bytes(np.zeros((20, 32, 32), np.uint8))))
     with pytest.raises(DataValidationError, match="expected 28x28") as err:
-        image_data.read_mnist(directory)
+        idx.read_mnist(directory)
     assert err.value.path == str(path)
 
 
@@ -216,7 +219,7 @@ def test_label_out_of_range(mnist_dir, label):
     path = directory / "t10k-labels-idx1-ubyte.gz"
     path.write_bytes(gzip.compress(idx_bytes(labels)))
     with pytest.raises(DataValidationError, match=f"label {label} at index 7 outside 0..9") as err:
-        image_data.read_mnist(directory)
+        idx.read_mnist(directory)
     assert err.value.path == str(path) and err.value.field == "labels"
 
 
@@ -293,9 +296,9 @@ def test_cifar_python_labels_must_be_integer_class_ids(tmp_path, labels, message
 def test_validate_refuses_labels_that_are_not_integers(mnist_dir):
     """Whatever the reader: a float label array (a NaN compares false to both bounds) is refused."""
     directory, _ = mnist_dir
-    arrays, _ = image_data.read_mnist(directory)
-    broken = image_data.ImageArrays(arrays.x_train, arrays.y_train.astype(np.float64), arrays.x_test,
-                                    arrays.y_test, classes=arrays.classes)
+    arrays, _ = idx.read_mnist(directory)
+    broken = ImageArrays(arrays.x_train, arrays.y_train.astype(np.float64), arrays.x_test,
+                         arrays.y_test, classes=arrays.classes)
     broken.y_train[0] = np.nan
     with pytest.raises(DataValidationError, match="train labels are float64, expected integers") as err:
         image_data.validate(broken, "mnist", "somewhere")
@@ -309,20 +312,20 @@ def test_cifar_python_batch_missing_or_hostile(tmp_path):
                    pickle.dumps({b"label_names": [c.encode() for c in CIFAR_CLASSES]}))
         add_member(tar, "cifar-10-batches-py/data_batch_1", pickle.dumps({b"data": Path("/etc")}))
     with pytest.raises(DataValidationError, match="lacks data_batch_2"):
-        image_data.read_cifar(tarball)
+        cifar.read_cifar(tarball)
     with tarfile.open(tarball, "w:gz") as tar:
-        for name in image_data.CIFAR_MEMBERS:
+        for name in cifar.CIFAR_MEMBERS:
             add_member(tar, f"cifar-10-batches-py/{name}", pickle.dumps({b"data": Path("/etc")}))
     # A pickle naming anything but numpy's array rebuilders is refused, not executed.
     with pytest.raises(DataValidationError, match="refusing to load pathlib") as err:
-        image_data.read_cifar(tarball)
+        cifar.read_cifar(tarball)
     assert err.value.path.startswith(f"{tarball}!cifar-10-batches-py/")
 
 
 def test_imagefolder_tree_png_round_trips_and_sorts_classes(tmp_path):
     images = folder_images()
     root = write_folder(tmp_path / "tree", images)
-    arrays, fmt = image_data.read_cifar(root)
+    arrays, fmt = cifar.read_cifar(root)
     assert fmt == "imagefolder" and arrays.classes == CIFAR_CLASSES
     for split, x, y in (("train", arrays.x_train, arrays.y_train), ("test", arrays.x_test, arrays.y_test)):
         want_x, want_y = expected_folder_arrays(images, split)
@@ -348,7 +351,7 @@ def test_imagefolder_jpeg_is_decoded(tmp_path):
     images = folder_images(seed=2)
     smooth = {k: np.full((32, 32, 3), (i * 7) % 256, np.uint8) for i, k in enumerate(images)}
     tarball = write_folder_tarball(tmp_path / "jpeg.tar.gz", smooth, fmt="JPEG")
-    arrays, _ = image_data.read_cifar(tarball)
+    arrays, _ = cifar.read_cifar(tarball)
     want, _ = expected_folder_arrays(smooth, "train")
     assert arrays.x_train.shape == want.shape
     assert np.abs(arrays.x_train.astype(int) - want).max() <= 2  # lossy, but flat images survive
@@ -360,7 +363,7 @@ def test_corrupt_image_in_folder_names_the_file(tmp_path):
     bad = root / "train" / "dog" / "0001.png"
     bad.write_bytes(bad.read_bytes()[:60])  # truncated PNG
     with pytest.raises(DataValidationError, match="not a readable JPEG/PNG") as err:
-        image_data.read_cifar(root)
+        cifar.read_cifar(root)
     assert err.value.path == str(bad)
 
 
@@ -371,7 +374,7 @@ def test_corrupt_and_truncated_images_in_tarball_name_the_member(tmp_path):
                          ("root/train/cat/9999.jpg", jpeg[: len(jpeg) // 2])]:
         tarball = write_folder_tarball(tmp_path / "bad.tar.gz", images, root="root", extra={member: data})
         with pytest.raises(DataValidationError, match="not a readable JPEG/PNG") as err:
-            image_data.read_cifar(tarball)
+            cifar.read_cifar(tarball)
         assert err.value.path == f"{tarball}!{member}"
 
 
@@ -384,7 +387,7 @@ def test_sixteen_bit_image_is_refused_not_clipped(tmp_path):
     tarball = write_folder_tarball(tmp_path / "t.tar.gz", images, root="r",
                                    extra={member: encode(wide, "PNG")})
     with pytest.raises(DataValidationError, match=r"pixels are not 8-bit \(PIL mode 'I;16'\)") as err:
-        image_data.read_cifar(tarball)
+        cifar.read_cifar(tarball)
     assert (err.value.path, err.value.field) == (f"{tarball}!{member}", "mode")
 
 
@@ -393,7 +396,7 @@ def test_wrong_image_size_in_tarball(tmp_path):
     images["train/frog/0000.png"] = np.zeros((28, 28, 3), np.uint8)
     tarball = write_folder_tarball(tmp_path / "t.tar.gz", images, root="r")
     with pytest.raises(DataValidationError, match="28x28, expected 32x32") as err:
-        image_data.read_cifar(tarball)
+        cifar.read_cifar(tarball)
     assert err.value.path == f"{tarball}!r/train/frog/0000.png"
 
 
@@ -402,18 +405,18 @@ def test_truncated_tarball_names_the_file(tmp_path):
     data = tarball.read_bytes()
     tarball.write_bytes(data[: len(data) // 2])
     with pytest.raises(DataValidationError, match="not a readable tarball") as err:
-        image_data.read_cifar(tarball)
+        cifar.read_cifar(tarball)
     assert err.value.path == str(tarball)
     tarball.write_bytes(b"\x1f\x8b" + b"\0" * 100)  # a gzip header and nothing sensible after
     with pytest.raises(DataValidationError, match="not a readable tarball"):
-        image_data.read_cifar(tarball)
+        cifar.read_cifar(tarball)
 
 
 def test_missing_class_and_class_count(tmp_path):
     images = {k: v for k, v in folder_images().items() if k != "test/horse/0000.png"}
     tarball = write_folder_tarball(tmp_path / "t.tar.gz", images)
     with pytest.raises(DataValidationError, match="horse have no test images") as err:
-        image_data.read_cifar(tarball)
+        cifar.read_cifar(tarball)
     assert err.value.path == str(tarball)
     root = write_folder(tmp_path / "nine", folder_images(classes=CIFAR_CLASSES[:9]))
     with pytest.raises(DataValidationError, match="9 distinct classes") as err:
@@ -426,11 +429,11 @@ def test_image_outside_the_layout_and_empty_tarball(tmp_path):
                                    extra={"cifar10-jpeg/stray.png": encode(np.zeros((32, 32, 3), np.uint8),
                                                                            "PNG")})
     with pytest.raises(DataValidationError, match="outside the ImageFolder layout") as err:
-        image_data.read_cifar(tarball)
+        cifar.read_cifar(tarball)
     assert err.value.path.endswith("!cifar10-jpeg/stray.png")
     empty = write_folder_tarball(tmp_path / "e.tar.gz", {}, extra={"docs/readme.txt": b"x"})
     with pytest.raises(DataValidationError, match="neither CIFAR python batches"):
-        image_data.read_cifar(empty)
+        cifar.read_cifar(empty)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -453,11 +456,10 @@ def test_snapshot_is_content_addressed_and_written_once(tmp_path, mnist_dir):
     write_mnist(other, seed=1)
     assert image_data.prepare("mnist", other, tmp_path / "snaps").data_version != first.data_version
     # Moving one image from test to train changes the version even though the bytes concatenate alike.
-    moved = image_data.ImageArrays(*(np.asarray(a) for a in (
+    moved = ImageArrays(*(np.asarray(a) for a in (
         np.zeros((2, 28, 28, 1), np.uint8), np.zeros(2, np.int64),
-        np.zeros((1, 28, 28, 1), np.uint8), np.zeros(1, np.int64))), classes=image_data.MNIST_CLASSES)
-    shifted = image_data.ImageArrays(moved.x_train[:1], moved.y_train[:1], moved.x_train, moved.y_train,
-                                     moved.classes)
+        np.zeros((1, 28, 28, 1), np.uint8), np.zeros(1, np.int64))), classes=idx.MNIST_CLASSES)
+    shifted = ImageArrays(moved.x_train[:1], moved.y_train[:1], moved.x_train, moved.y_train, moved.classes)
     assert image_data.content_version("mnist", moved) != image_data.content_version("mnist", shifted)
 
 
@@ -492,19 +494,20 @@ def test_mirror_without_the_files_is_a_clear_error(tmp_path, monkeypatch):
 def test_download_when_no_mirror(tmp_path, monkeypatch, mnist_dir):
     """With no mirror the four files are fetched (here from a local HTTP server) and cached."""
     with serve_directory(mnist_dir[0]) as url:
-        monkeypatch.setattr(image_data, "MNIST_URL_BASES", [
+        monkeypatch.setattr(idx, "MNIST_URL_BASES", [
             "http://127.0.0.1:9/mnist/",  # first mirror down: the next one is tried
             f"{url}/"])
         monkeypatch.setenv("VTM_DATA_DIR", str(tmp_path / "data"))
         snap = image_data.prepare("mnist", None, tmp_path / "snaps")
     cached = tmp_path / "data" / "raw" / "mnist"
     assert snap.source == str(cached) and snap.n_test == 20
-    for filename in image_data.MNIST_FILES.values():
+    for filename in idx.MNIST_FILES.values():
         assert (cached / filename).read_bytes() == (mnist_dir[0] / filename).read_bytes()
 
 
 def test_cli_prints_the_snapshot(tmp_path, capsys, mnist_dir):
-    assert image_data.main(["mnist", "--source", str(mnist_dir[0]), "--out", str(tmp_path / "o")]) == 0
+    assert cli.main(["--dataset", "mnist", "--steps", "prepare", "--source", str(mnist_dir[0]),
+                     "--out", str(tmp_path / "o")]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["dataset"] == "mnist" and printed["uri"].startswith(str(tmp_path / "o"))
     assert image_data.load_snapshot(printed["uri"]).x_test.shape == (20, 28, 28, 1)
@@ -516,7 +519,7 @@ def test_unknown_dataset_is_refused():
 
 
 def test_real_mnist_from_the_shared_mirror(tmp_path, monkeypatch):
-    if not all((SHARED_DATA / "mnist" / f).is_file() for f in image_data.MNIST_FILES.values()):
+    if not all((SHARED_DATA / "mnist" / f).is_file() for f in idx.MNIST_FILES.values()):
         pytest.skip(f"real MNIST not present at {SHARED_DATA / 'mnist'} (see ../shared/data/README.md)")
     monkeypatch.setenv("DATA_MIRROR", str(SHARED_DATA))
     snap = image_data.prepare("mnist", None, tmp_path / "snaps")

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from scripts.image.base import ImageArrays, TrainConfig, subset
+from scripts.image.base import ImageArrays, TrainConfig
 
 ik = pytest.importorskip("scripts.image.keras_trainer")
 keras = pytest.importorskip("keras")
@@ -47,9 +47,8 @@ def smoke(dataset: str, profile: str = "smoke", **overrides) -> TrainConfig:
                        **{"batch_size": 32, "learning_rate": 0.05, **overrides})
 
 
-def check_result(result, cfg: TrainConfig, arrays: ImageArrays, epochs: int) -> None:
-    labels = ik.test_labels(arrays, cfg)
-    assert labels.tolist() == subset(arrays, cfg.recipe, cfg.seed).y_test.tolist()
+def check_result(result, arrays: ImageArrays, epochs: int) -> None:
+    labels = arrays.y_test  # the trainer tests on what it is given (the caller draws any subset)
     assert result.predictions.shape == labels.shape and result.predictions.dtype == np.int64
     assert result.test_accuracy == pytest.approx(float((result.predictions == labels).mean()))
     assert [h.epoch for h in result.history] == list(range(1, epochs + 1))
@@ -63,7 +62,7 @@ def test_mnist_smoke_learns_and_reports_each_epoch():
     cfg = smoke("mnist", epochs=3)
     seen = []
     result = ik.train_keras(MNIST_LIKE, cfg, on_epoch=seen.append)
-    check_result(result, cfg, MNIST_LIKE, 3)
+    check_result(result, MNIST_LIKE, 3)
     assert seen == result.history
     assert result.test_accuracy > 0.5, result.history
     assert result.history[-1].train_loss < result.history[0].train_loss
@@ -79,7 +78,7 @@ def test_cifar_with_augmentation_and_tta():
     assert cfg.recipe.tta
     seen = []
     result = ik.train_keras(CIFAR_LIKE, cfg, on_epoch=seen.append)
-    check_result(result, cfg, CIFAR_LIKE, 4)
+    check_result(result, CIFAR_LIKE, 4)
     assert len(seen) == 4 and len(result.predictions) == len(CIFAR_LIKE.y_test)
     assert result.test_accuracy > 0.5, result.history
 
@@ -121,7 +120,7 @@ def test_checkpoint_resume_after_interruption(tmp_path):
     resumed = ik.train_keras(MNIST_LIKE, cfg3, on_epoch=seen.append, checkpoint_dir=ckpt)
     assert resumed.resumed_from_epoch == 1
     assert [r.epoch for r in seen] == [2, 3]
-    check_result(resumed, cfg3, MNIST_LIKE, 3)
+    check_result(resumed, MNIST_LIKE, 3)
     steps_per_epoch = len(MNIST_LIKE.y_train) // 32
     # optimizer state came back: the one-cycle schedule ran over all 3 epochs' steps, no more
     assert int(resumed.model.optimizer.iterations.numpy()) == 3 * steps_per_epoch

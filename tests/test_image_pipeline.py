@@ -1,27 +1,89 @@
-"""Image run parameters and the PyTorch trainer on small learnable data (no MLflow)."""
+"""Image run parameters, the run's image subset and the PyTorch trainer on small learnable data
+(no MLflow); the trainer core without Airflow and MLflow installed."""
 
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from common import config
 from scripts.core.errors import ParameterError
 from scripts.image import pipeline as image_pipeline
-from scripts.image.base import ImageArrays, TrainConfig
+from scripts.image.base import ImageArrays, Subset, TrainConfig, draw_subset
 from tests.image_synth import learnable
+
+ROOT = Path(__file__).resolve().parents[1]
+MNIST = config.get("mnist_cnn_training")
 
 
 def test_params_are_validated_and_typed():
-    cfg = image_pipeline.train_config("mnist", {"profile": "fast", "epochs": "3", "learning_rate": "0.05",
-                                                "batch_size": None})
+    cfg = image_pipeline.train_config(MNIST, "mnist", {"profile": "fast", "epochs": "3", "learning_rate": "0.05",
+                                                       "batch_size": None})
     assert (cfg.profile, cfg.epochs, cfg.learning_rate, cfg.recipe.epochs) == ("fast", 3, 0.05, 3)
     assert cfg.recipe.batch_size == 256  # None means: the profile's
     with pytest.raises(ParameterError, match="epoch"):
-        image_pipeline.train_config("mnist", {"epoch": 3})
+        image_pipeline.train_config(MNIST, "mnist", {"epoch": 3})
     with pytest.raises(ParameterError, match="profile"):
-        image_pipeline.train_config("mnist", {"profile": "turbo"})
-    with pytest.raises(ParameterError, match="framework"):
-        image_pipeline.train_config("cifar10", {"framework": "jax"})
+        image_pipeline.train_config(MNIST, "mnist", {"profile": "turbo"})
+    with pytest.raises(ParameterError, match="framework") as err:
+        image_pipeline.train_config(config.get("cifar10_cnn_training"), "cifar10", {"framework": "jax"})
+    assert "cifar10_cnn_training" in str(err.value)
+
+
+def test_prepare_checks_the_params_before_any_work(monkeypatch):
+    """An unknown key fails the first step before it looks for data."""
+    monkeypatch.setattr(image_pipeline.image_data, "prepare", lambda *a, **k: pytest.fail("data touched"))
+    with pytest.raises(ParameterError, match="epochz"):
+        image_pipeline.prepare(MNIST, "mnist", {"epochz": 3})
+
+
+def test_the_subset_is_drawn_once_and_travels_as_json():
+    """train draws the smoke subset; evaluate applies the indices it recorded (Trained XCom)."""
+    x_train, y_train = learnable(3000, (28, 28, 1), 1)
+    x_test, y_test = learnable(800, (28, 28, 1), 2)
+    arrays = ImageArrays(x_train, y_train.astype(np.int64), x_test, y_test.astype(np.int64),
+                         tuple(str(i) for i in range(10)))
+    recipe = TrainConfig("mnist", "smoke").recipe
+    drawn = draw_subset(arrays, recipe, seed=0)
+    assert len(drawn.train) == 2000 and len(drawn.test) == 500
+    assert list(drawn.test) == sorted(set(drawn.test))
+    travelled = Subset.from_dict(json.loads(json.dumps(drawn.to_dict())))  # what XCom does to it
+    assert travelled == drawn
+    data = travelled.apply(arrays)
+    np.testing.assert_array_equal(data.x_test, arrays.x_test[list(drawn.test)])
+    np.testing.assert_array_equal(data.y_train, arrays.y_train[list(drawn.train)])
+    # The whole split (fast profile, or a split no larger than the subset): no indices at all.
+    whole = draw_subset(arrays, TrainConfig("mnist", "fast").recipe, seed=0)
+    assert whole.to_dict() == {"train": None, "test": None} and whole.apply(arrays).x_test is arrays.x_test
+
+
+def test_trainer_core_runs_without_airflow_or_mlflow():
+    """A GPU box has torch, numpy and Pillow only: the trainer core and the benchmark import
+    neither MLflow nor Airflow nor common (blocked here as if not installed)."""
+    script = """
+import importlib.abc, runpy, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("mlflow", "airflow", "common"):
+            raise ImportError(f"{name} is not installed here")
+sys.meta_path.insert(0, Block())
+sys.path.insert(0, "dags")
+for module in ("base", "idx", "cifar", "folder", "data", "torch_trainer", "plots"):
+    __import__(f"scripts.image.{module}")
+sys.argv = ["image_bench.py", "--help"]
+try:
+    runpy.run_path("bench/image_bench.py", run_name="__main__")
+except SystemExit as stop:
+    assert stop.code == 0, stop.code
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "image_bench" in done.stdout or "usage" in done.stdout
 
 
 def test_checkpoints_are_per_airflow_run_not_per_try(monkeypatch, tmp_path):

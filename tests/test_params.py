@@ -34,7 +34,7 @@ from scripts.tick import pipeline as tick_pipeline
 ])
 def test_image_params_rejected_naming_the_field(conf, field):
     with pytest.raises(ParameterError) as err:
-        image_pipeline.train_config("mnist", {"profile": "smoke", **conf})
+        image_pipeline.train_config(config.get("mnist_cnn_training"), "mnist", {"profile": "smoke", **conf})
     assert err.value.field == field
     assert field in str(err.value) and "mnist_cnn_training" in str(err.value)
 
@@ -76,8 +76,9 @@ def test_trade_day_checks_its_format():
 
 
 def test_valid_values_are_typed_and_cli_strings_cast():
-    cfg = image_pipeline.train_config("cifar10", {"profile": "smoke", "epochs": "3", "learning_rate": "0.05",
-                                                  "batch_size": None, "seed": 3.0})
+    cfg = image_pipeline.train_config(config.get("cifar10_cnn_training"), "cifar10",
+                                      {"profile": "smoke", "epochs": "3", "learning_rate": "0.05",
+                                       "batch_size": None, "seed": 3.0})
     assert (cfg.epochs, cfg.learning_rate, cfg.seed, cfg.recipe.batch_size) == (3, 0.05, 3, 32)
     assert isinstance(cfg.seed, int)
     mp = power_pipeline.model_params(config.get("power_lgbm_training"),

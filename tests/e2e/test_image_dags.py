@@ -80,7 +80,7 @@ def test_killed_training_resumes_in_the_same_mlflow_run(mlflow_server, mirror, t
     """SIGKILL the trainer after its second epoch; the rerun with the same run id continues."""
     env = {**os.environ, "DATA_MIRROR": str(mirror), "MLFLOW_TRACKING_URI": mlflow_server,
            "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "scripts.image.pipeline", "--dataset", "mnist", "--profile", "smoke",
+    cmd = [sys.executable, "-m", "scripts.image.cli", "--dataset", "mnist", "--profile", "smoke",
            "--epochs", "6", "--run-id", "manual__resume_test", "--steps", "train"]
     proc = subprocess.Popen(cmd, cwd=ROOT / "dags", env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True, start_new_session=True)

@@ -27,6 +27,7 @@ import pytest
 from common import config, mlflow_utils, registry
 from scripts.core.errors import DataValidationError
 from scripts.image import data as image_data
+from scripts.image import idx
 from scripts.power import data as power_data
 from scripts.tick import importer as tick_import
 from scripts.tick import lake as tick_lake
@@ -198,7 +199,7 @@ def test_idx_label_out_of_range_fails_prepare(tmp_path, label):
     written = write_mnist(tmp_path / "mnist")
     labels = written["train_labels"].copy()
     labels[13] = label
-    path = tmp_path / "mnist" / image_data.MNIST_FILES["train_labels"]
+    path = tmp_path / "mnist" / idx.MNIST_FILES["train_labels"]
     path.write_bytes(gzip.compress(idx_bytes(labels)))
     with pytest.raises(DataValidationError) as err:
         image_data.prepare("mnist", tmp_path / "mnist", tmp_path / "snaps")

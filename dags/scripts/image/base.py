@@ -1,15 +1,28 @@
-"""What the image-classification trainers share: profiles, run settings, per-epoch and final results.
+"""What the image workflow's modules share: the data contract (shapes, ten classes, labels in
+0..9, :class:`ImageArrays`), profiles, run settings, the run's image subset, per-epoch and final
+results.
 
-Pure standard library + numpy: the PyTorch and the Keras trainer both speak these types, so the
-pipeline (MLflow, registry) and the DAGs do not care which framework trained the model.
+Pure standard library + numpy: the readers, both trainers and the pipeline speak these types, so
+the pipeline (MLflow, registry) and the DAGs do not care which format the images came in or which
+framework trained the model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
+
+from scripts.core.errors import DataValidationError, TrainingError
+
+# The data contract every reader (idx, cifar, folder) produces and data.validate checks.
+DATASETS = ("mnist", "cifar10")
+SHAPES: dict[str, tuple[int, int, int]] = {"mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
+N_CLASSES = 10
+SPLITS = ("train", "test")
 
 FRAMEWORKS = ("pytorch", "tensorflow")
 PROFILES = ("smoke", "fast", "quality")
@@ -48,9 +61,9 @@ PROFILE_TABLE: dict[str, dict[str, Profile]] = {
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """A run's settings. From run parameters, build it with ``image_pipeline.train_config``
-    (``scripts.core.params``: typed, bounded, unknown keys rejected, each error naming the field); the
-    defaults are the DAGs' (``common.config``; the integrity test checks they agree)."""
+    """A run's settings. From run parameters, build it with ``scripts.image.pipeline.train_config``
+    (``scripts.core.params.build``: typed, bounded, unknown keys rejected, each error naming the
+    field); the defaults are the DAGs' (``common.config``; the integrity test checks they agree)."""
 
     dataset: str  # "mnist" | "cifar10"
     profile: str = "fast"
@@ -105,6 +118,14 @@ class ImageArrays:
     classes: tuple[str, ...]
 
 
+def check_labels(labels: np.ndarray, name: str | Path, field: str) -> None:
+    """Every label in 0..9, checked where it was read so the error names that file or member."""
+    bad = np.flatnonzero((labels < 0) | (labels >= N_CLASSES))
+    if len(bad):
+        raise DataValidationError(name, f"label {int(labels[bad[0]])} at index {int(bad[0])} outside "
+                                  f"0..{N_CLASSES - 1} ({len(bad)} such)", field=field)
+
+
 @dataclass(frozen=True)
 class EpochResult:
     epoch: int  # 1-based
@@ -118,11 +139,7 @@ class EpochResult:
 def ensure_converging(result: EpochResult) -> None:
     """A non-finite training loss means the run diverged (a learning rate too high for the
     recipe): fail it now, for good, before it is checkpointed, logged or registered."""
-    import math
-
     if not math.isfinite(result.train_loss):
-        from scripts.core.errors import TrainingError
-
         raise TrainingError(f"training diverged: train loss {result.train_loss} at epoch "
                             f"{result.epoch}/{result.total_epochs}; lower learning_rate or use the profile's")
 
@@ -133,7 +150,7 @@ class TrainResult:
     train_seconds: float  # training loop only (no data loading, no evaluation)
     images_per_second: float
     device: str
-    predictions: np.ndarray  # predicted class per test image (for the confusion matrix)
+    predictions: np.ndarray  # predicted class per test image given to the trainer
     history: list[EpochResult] = field(default_factory=list)
     resumed_from_epoch: int = 0
     model: object = None  # the framework's model object, for logging
@@ -142,16 +159,47 @@ class TrainResult:
 EpochCallback = Callable[[EpochResult], None]
 
 
-def subset(arrays: ImageArrays, recipe: Profile, seed: int) -> ImageArrays:
+@dataclass(frozen=True)
+class Subset:
+    """The images a run uses: sorted indices into each split, None for the whole split.
+
+    Drawn once per run (:func:`draw_subset`, by the train step); the evaluate step applies the
+    same indices (they travel in the train step's XCom), it never draws again.
+    """
+
+    train: tuple[int, ...] | None = None
+    test: tuple[int, ...] | None = None
+
+    def apply(self, arrays: ImageArrays) -> ImageArrays:
+        def take(x: np.ndarray, y: np.ndarray, idx: tuple[int, ...] | None) -> tuple[np.ndarray, np.ndarray]:
+            if idx is None:
+                return x, y
+            rows = np.asarray(idx, dtype=np.int64)
+            return x[rows], y[rows]
+
+        return ImageArrays(*take(arrays.x_train, arrays.y_train, self.train),
+                           *take(arrays.x_test, arrays.y_test, self.test), arrays.classes)
+
+    def to_dict(self) -> dict[str, list[int] | None]:
+        """JSON-ready (XCom): lists of ints or None."""
+        return {"train": None if self.train is None else list(self.train),
+                "test": None if self.test is None else list(self.test)}
+
+    @classmethod
+    def from_dict(cls, value: Mapping[str, Sequence[int] | None]) -> Subset:
+        def rows(idx: Sequence[int] | None) -> tuple[int, ...] | None:
+            return None if idx is None else tuple(int(i) for i in idx)
+
+        return cls(rows(value["train"]), rows(value["test"]))
+
+
+def draw_subset(arrays: ImageArrays, recipe: Profile, seed: int) -> Subset:
     """The profile's class-balanced-in-expectation random subset (whole splits when 0)."""
     rng = np.random.default_rng(seed)
 
-    def pick(x: np.ndarray, y: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-        if not n or n >= len(y):
-            return x, y
-        idx = np.sort(rng.choice(len(y), size=n, replace=False))
-        return x[idx], y[idx]
+    def pick(n_rows: int, n: int) -> tuple[int, ...] | None:
+        if not n or n >= n_rows:
+            return None
+        return tuple(int(i) for i in np.sort(rng.choice(n_rows, size=n, replace=False)))
 
-    x_train, y_train = pick(arrays.x_train, arrays.y_train, recipe.train_subset)
-    x_test, y_test = pick(arrays.x_test, arrays.y_test, recipe.test_subset)
-    return ImageArrays(x_train, y_train, x_test, y_test, arrays.classes)
+    return Subset(pick(len(arrays.y_train), recipe.train_subset), pick(len(arrays.y_test), recipe.test_subset))

@@ -1,11 +1,11 @@
 """Keras 3 (TensorFlow backend) trainer for the image workflows (MNIST, CIFAR-10): the same
-contract as ``image_torch.train_torch`` (``image_common``), so the pipeline does not care which
+contract as ``torch_trainer.train_torch`` (``base``), so the pipeline does not care which
 framework trained the model.
 
-Recipe: the whole (subset of the) data set is resident in memory as uint8; a tf.data pipeline
-gathers shuffled index batches from it, augments batch-wise with stateless random ops (random
-translate = crop of the reflect-padded image, horizontal flip; CIFAR-10 only, digits are not
-mirror-symmetric) and casts on the device. A compact conv net with batch norm whose first layer
+Recipe: the images given (the caller applies the profile's subset) are resident in memory as
+uint8; a tf.data pipeline gathers shuffled index batches from them, augments batch-wise with
+stateless random ops (random translate = crop of the reflect-padded image, horizontal flip;
+CIFAR-10 only, digits are not mirror-symmetric) and casts on the device. A compact conv net with batch norm whose first layer
 normalises per channel (mean/std of the training split), so the saved model takes raw 0..255
 images NHWC and returns logits. SGD + Nesterov momentum with a one-cycle learning rate (linear
 warm-up, linear decay to zero) over all steps, L2 weight decay on the kernels, label smoothing,
@@ -58,7 +58,6 @@ from scripts.image.base import (  # noqa: E402
     TrainConfig,
     TrainResult,
     ensure_converging,
-    subset,
 )
 
 STATE = "state.json"  # the commit marker of a checkpoint: names the model file it belongs to
@@ -218,11 +217,6 @@ def _train_dataset(x: tf.Tensor, y: tf.Tensor, batch_size: int, seed: int, epoch
         tf.data.AUTOTUNE).with_options(options)
 
 
-def test_labels(arrays: ImageArrays, cfg: TrainConfig) -> np.ndarray:
-    """The labels ``TrainResult.predictions`` are aligned with (the profile's test subset)."""
-    return subset(arrays, cfg.recipe, cfg.seed).y_test
-
-
 # --------------------------------------------------------------------------------- checkpointing
 
 def _fingerprint(cfg: TrainConfig) -> dict:
@@ -277,7 +271,8 @@ def _kernel_l2(model: keras.Model) -> list:
 
 def train_keras(arrays: ImageArrays, cfg: TrainConfig, on_epoch: EpochCallback | None = None,
                 checkpoint_dir: Path | None = None) -> TrainResult:
-    """Train, evaluate on the test split, return figures. Resumes from ``checkpoint_dir``.
+    """Train on ``arrays`` (the caller applies the profile's subset: ``base.draw_subset``),
+    evaluate on its test split, return figures. Resumes from ``checkpoint_dir``.
 
     Order per epoch: train -> evaluate -> checkpoint -> ``on_epoch``.
     """
@@ -297,17 +292,16 @@ def _train(arrays: ImageArrays, cfg: TrainConfig, on_epoch: EpochCallback | None
            checkpoint_dir: Path | None, device: str) -> TrainResult:
     profile = cfg.recipe
     recipe = RECIPES[cfg.dataset]
-    data = subset(arrays, profile, cfg.seed)
     keras.utils.set_random_seed(cfg.seed)
-    classes = len(data.classes)
-    steps, batch = _steps_per_epoch(len(data.y_train), profile.batch_size)
+    classes = len(arrays.classes)
+    steps, batch = _steps_per_epoch(len(arrays.y_train), profile.batch_size)
     total_steps = steps * profile.epochs
     tta = profile.tta and recipe.flip
 
     with tf.device("/CPU:0"):  # the data set stays in host memory; batches go to the device
-        x_train = tf.constant(data.x_train)
-        y_train = tf.constant(data.y_train.astype(np.int32))
-        test_ds = tf.data.Dataset.from_tensor_slices(data.x_test).batch(EVAL_BATCH).cache().prefetch(2)
+        x_train = tf.constant(arrays.x_train)
+        y_train = tf.constant(arrays.y_train.astype(np.int32))
+        test_ds = tf.data.Dataset.from_tensor_slices(arrays.x_test).batch(EVAL_BATCH).cache().prefetch(2)
 
     history: list[EpochResult] = []
     start_epoch, train_seconds, train_images = 0, 0.0, 0
@@ -320,9 +314,9 @@ def _train(arrays: ImageArrays, cfg: TrainConfig, on_epoch: EpochCallback | None
         if int(model.optimizer.iterations.numpy()) != int(state["optimizer_step"]):
             model.optimizer.iterations.assign(int(state["optimizer_step"]))
     else:
-        pixels = data.x_train.reshape(-1, data.x_train.shape[-1]).astype(np.float64)
+        pixels = arrays.x_train.reshape(-1, arrays.x_train.shape[-1]).astype(np.float64)
         mean, std = pixels.mean(0), np.maximum(pixels.std(0), 1e-3)
-        model = NETS[cfg.dataset](data.x_train.shape[1:], classes, mean, std)
+        model = NETS[cfg.dataset](arrays.x_train.shape[1:], classes, mean, std)
         schedule = OneCycle(cfg.recipe.learning_rate or recipe.peak_lr, total_steps, round(recipe.warmup * total_steps))
         model.compile(optimizer=keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True),
                       loss=keras.losses.CategoricalCrossentropy(from_logits=True,
@@ -370,7 +364,7 @@ def _train(arrays: ImageArrays, cfg: TrainConfig, on_epoch: EpochCallback | None
         seconds = time.perf_counter() - started
         train_seconds += seconds
         train_images += steps * batch
-        accuracy = float((predict() == data.y_test).mean())
+        accuracy = float((predict() == arrays.y_test).mean())
         result = EpochResult(epoch + 1, profile.epochs, train_loss, accuracy, seconds, device)
         ensure_converging(result)
         history.append(result)
@@ -384,6 +378,6 @@ def _train(arrays: ImageArrays, cfg: TrainConfig, on_epoch: EpochCallback | None
 
     predictions = predict()
     return TrainResult(
-        test_accuracy=float((predictions == data.y_test).mean()), train_seconds=train_seconds,
+        test_accuracy=float((predictions == arrays.y_test).mean()), train_seconds=train_seconds,
         images_per_second=train_images / train_seconds if train_seconds else 0.0, device=device,
         predictions=predictions, history=history, resumed_from_epoch=start_epoch, model=model)

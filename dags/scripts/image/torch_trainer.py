@@ -32,7 +32,6 @@ from scripts.image.base import (
     TrainConfig,
     TrainResult,
     ensure_converging,
-    subset,
 )
 
 CHECKPOINT = "checkpoint.pt"
@@ -148,13 +147,13 @@ def _save_checkpoint(path: Path, state: dict) -> None:
 
 def train_torch(arrays: ImageArrays, cfg: TrainConfig, on_epoch: EpochCallback | None = None,
                 checkpoint_dir: Path | None = None) -> TrainResult:
-    """Train, evaluate on the test split, return figures. Resumes from ``checkpoint_dir``.
+    """Train on ``arrays`` (the caller applies the profile's subset: ``base.draw_subset``),
+    evaluate on its test split, return figures. Resumes from ``checkpoint_dir``.
 
     Order per epoch: train -> evaluate -> checkpoint -> ``on_epoch``; so when ``on_epoch`` (or the
     process) dies, that epoch is already safe on disk.
     """
     recipe = cfg.recipe
-    data = subset(arrays, recipe, cfg.seed)
     device = pick_device(cfg.device)
     cuda = device.type == "cuda"
     torch.manual_seed(cfg.seed)
@@ -163,17 +162,17 @@ def train_torch(arrays: ImageArrays, cfg: TrainConfig, on_epoch: EpochCallback |
     net_cls, peak_lr, smoothing, pad, flip, weight_decay = RECIPES[cfg.dataset]
     peak_lr = recipe.learning_rate or peak_lr
 
-    channels = data.x_train.shape[-1]
-    mean = torch.tensor(data.x_train.reshape(-1, channels).mean(0) / 255, device=device).view(1, -1, 1, 1).float()
-    std = torch.tensor(data.x_train.reshape(-1, channels).std(0) / 255, device=device).view(1, -1, 1, 1).float()
-    x_train = to_tensor(data.x_train, device, mean, std, False)
+    channels = arrays.x_train.shape[-1]
+    mean = torch.tensor(arrays.x_train.reshape(-1, channels).mean(0) / 255, device=device).view(1, -1, 1, 1).float()
+    std = torch.tensor(arrays.x_train.reshape(-1, channels).std(0) / 255, device=device).view(1, -1, 1, 1).float()
+    x_train = to_tensor(arrays.x_train, device, mean, std, False)
     x_padded = F.pad(x_train, (pad,) * 4, mode="reflect") if pad else x_train
-    y_train = torch.from_numpy(data.y_train).to(device)
-    x_test = to_tensor(data.x_test, device, mean, std, True)
-    y_test = torch.from_numpy(data.y_test).to(device)
+    y_train = torch.from_numpy(arrays.y_train).to(device)
+    x_test = to_tensor(arrays.x_test, device, mean, std, True)
+    y_test = torch.from_numpy(arrays.y_test).to(device)
 
     # Channels-last pays on both: tensor cores on CUDA, oneDNN's blocked kernels on the CPU (1.4x).
-    model = net_cls(len(data.classes)).to(device).to(memory_format=torch.channels_last)
+    model = net_cls(len(arrays.classes)).to(device).to(memory_format=torch.channels_last)
     decay, no_decay = [], []
     for p in model.parameters():
         (no_decay if p.ndim <= 1 else decay).append(p)
@@ -244,7 +243,7 @@ def train_torch(arrays: ImageArrays, cfg: TrainConfig, on_epoch: EpochCallback |
 
     logits = predict_logits(model, x_test, 2048, recipe.tta and flip, autocast)
     predictions = logits.argmax(1).cpu().numpy().astype(np.int64)
-    test_accuracy = float((predictions == data.y_test).mean())
+    test_accuracy = float((predictions == arrays.y_test).mean())
     trained_images = len(y_train) * recipe.epochs
     model.eval()
     return TrainResult(test_accuracy=test_accuracy, train_seconds=train_seconds,
