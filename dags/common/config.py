@@ -108,7 +108,7 @@ TICK_PARAMS: tuple[ParamSpec, ...] = (
 )
 
 # The image workflows: scripts.image.base.TrainConfig's fields (the data set aside, fixed by
-# the DAG). PROFILES and FRAMEWORKS must match image_common's (the integrity test checks).
+# the DAG). PROFILES and FRAMEWORKS must match scripts.image.base's (the integrity test checks).
 IMAGE_PROFILES = ("smoke", "fast", "quality")
 IMAGE_FRAMEWORKS = ("pytorch", "tensorflow")
 IMAGE_DEVICES = ("auto", "cpu", "cuda")

@@ -97,6 +97,11 @@ def prepare(cfg: WorkflowConfig, dataset: str, params: Mapping[str, Any] | None,
                     n_train=snapshot.n_train, n_test=snapshot.n_test, source=snapshot.source)
 
 
+# The pickled model refers to scripts.image.*: ship the whole scripts package (its folder) with the
+# model, so it loads where this repository is not on the path.
+SCRIPTS_PACKAGE = str(Path(__file__).resolve().parents[1])
+
+
 def _log_model(result: TrainResult, framework: str, example: np.ndarray):
     import mlflow
     from mlflow.models import infer_signature
@@ -110,17 +115,16 @@ def _log_model(result: TrainResult, framework: str, example: np.ndarray):
         # example before it creates the model folder and fails.
         return mlflow.tensorflow.log_model(
             result.model, name="model", signature=infer_signature(example, logits), input_example=example,
-            code_paths=[str(Path(__file__).resolve().parent)],
+            code_paths=[SCRIPTS_PACKAGE],
             pip_requirements=[f"tensorflow-cpu=={tensorflow.__version__}", f"keras=={keras.__version__}",
                               f"numpy=={np.__version__}"])
     import torch
 
     with torch.no_grad():
         logits = result.model(torch.from_numpy(example)).numpy()
-    # The pickled module refers to scripts.image.torch_trainer: ship that package with the model.
     return mlflow.pytorch.log_model(
         result.model, name="model", signature=infer_signature(example, logits), input_example=example,
-        code_paths=[str(Path(__file__).resolve().parent)],
+        code_paths=[SCRIPTS_PACKAGE],
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"])
 
 
