@@ -109,6 +109,10 @@ TICK_PARAMS: tuple[ParamSpec, ...] = (
 
 # The image workflows: scripts.image.base.TrainConfig's fields (the data set aside, fixed by
 # the DAG). PROFILES and FRAMEWORKS must match scripts.image.base's (the integrity test checks).
+AUTO_PROMOTE = ParamSpec(
+    "auto_promote", "boolean", None, "Promote a challenger that passes the gate without waiting for "
+    "a person's approval; null: the workflow's setting (off unless configured)")
+
 IMAGE_PROFILES = ("smoke", "fast", "quality")
 IMAGE_FRAMEWORKS = ("pytorch", "tensorflow")
 IMAGE_DEVICES = ("auto", "cpu", "cuda")
@@ -175,6 +179,21 @@ class WorkflowConfig:
     # For workflows that wait for their input (the tick lake): how often to look, and for how long.
     poke_interval: timedelta = timedelta(minutes=5)
     data_wait: timedelta = timedelta(hours=6)
+    # Governance (docs/operations.md). A challenger that passes the gate waits for a person's
+    # approval in the Airflow UI unless ``auto_promote`` (also a run parameter of the same name);
+    # no answer within ``approval_timeout`` counts as a rejection.
+    auto_promote: bool = False
+    approval_timeout: timedelta = timedelta(hours=24)
+    # When the run's decision must be made: ``deadline`` after the run's logical date (its
+    # scheduled time) or, for ``deadline_reference="queued_at"``, after it was queued.
+    deadline: timedelta | None = None
+    deadline_reference: str = "logical_date"
+    # Champion health: notify when the champion's score on the newest window is worse than the
+    # score it was promoted with by more than this share (0.2 = 20 %).
+    health_tolerance: float = 0.2
+    # Data-aware schedule: the name of an Airflow Asset whose events also start a run (besides
+    # ``schedule``, whichever comes first).
+    trigger_asset: str | None = None
 
     @property
     def params(self) -> dict[str, object]:
@@ -254,7 +273,9 @@ def _image_workflow(dataset: str, name: str, min_accuracy: float, weekday: int) 
             threshold=min_accuracy,  # on the full test set; smoke runs never promote
             require_approval=False,
         ),
-        run_params=_image_params(),
+        run_params=(*_image_params(), AUTO_PROMOTE),
+        deadline=timedelta(hours=6),  # manual or weekly: decided within 6 h of being queued
+        deadline_reference="queued_at",
     )
 
 
@@ -292,7 +313,8 @@ WORKFLOWS: dict[str, WorkflowConfig] = {
                 min_improvement=0.0,
                 require_approval=False,
             ),
-            run_params=POWER_PARAMS,
+            run_params=(*POWER_PARAMS, AUTO_PROMOTE),
+            deadline=timedelta(hours=2),  # the day's forecast is decided by 07:30, 2 h after dawn
         ),
         WorkflowConfig(
             dag_id="tick_model_training",
@@ -317,7 +339,9 @@ WORKFLOWS: dict[str, WorkflowConfig] = {
                 threshold=0.0,  # no worse than the HAR-RV baseline (which itself beats persistence)
                 require_approval=False,
             ),
-            run_params=TICK_PARAMS,
+            run_params=(*TICK_PARAMS, AUTO_PROMOTE),
+            deadline=timedelta(hours=16),  # 17:30 + 16 h: before the next 09:30 open
+            trigger_asset="tick_lake_trades",  # the importer's event for a completed trade day
             poke_interval=timedelta(minutes=5),
             data_wait=timedelta(hours=6),
         ),
