@@ -235,6 +235,8 @@ class WorkflowConfig:
             "max_active_runs": self.max_active_runs,
             "default_args": {**self.default_args(), **alerts.task_callbacks()},
             "on_success_callback": alerts.on_success,
+            # A run not finished by its deadline notifies every channel (triggerer; alerts.py).
+            "deadline": alerts.deadline_alert(self.deadline_interval(), self.deadline_reference),
             # Typed Params: the trigger form shows each with its default and description, and
             # Airflow validates a run's conf against their schema when the run is created.
             "params": {spec.name: to_param(spec) for spec in self.run_params},
@@ -244,6 +246,13 @@ class WorkflowConfig:
     def train_task_args(self) -> dict[str, object]:
         """Where the training task runs (the GPU for the CNNs)."""
         return {"pool": self.pool, "pool_slots": self.pool_slots, "queue": self.queue}
+
+    def deadline_interval(self) -> timedelta | None:
+        """How long after ``deadline_reference`` a run must be done: ``deadline``, or for every
+        workflow ``VTM_DEADLINE_SECONDS`` from the environment the DAGs are parsed in (tests,
+        drills of the alert path); None: no deadline."""
+        seconds = os.environ.get("VTM_DEADLINE_SECONDS", "").strip()
+        return timedelta(seconds=float(seconds)) if seconds else self.deadline
 
 
 def _weekly_if_enabled(cron: str) -> str | None:
