@@ -1,18 +1,23 @@
-"""Registry gate and MLflow run handling against a real MLflow server."""
+"""Registry gate, evaluation metrics on the logged model, champion health and MLflow run handling
+against a real MLflow server (and, for the health notice, a real HTTP receiver on 127.0.0.1)."""
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import subprocess
 import sys
+import threading
 import uuid
+from datetime import date
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import mlflow
 import pytest
 
-from common import mlflow_utils, registry
+from common import alerts, mlflow_utils, registry
 from common.config import PromotionGate
 from common.mlflow_utils import AirflowIdentity
 
@@ -36,9 +41,21 @@ def logged_model(experiment: str) -> tuple[str, str]:
     return run.info.run_id, info.model_uri
 
 
-def register(name: str, experiment: str, metrics: dict) -> tuple[str, str]:
+DATA = registry.EvaluationData(name="reg-eval", version="d1", source="/tmp/reg-tests/d1")
+
+
+def evaluated_model(name: str, experiment: str, metrics: dict,
+                    data: registry.EvaluationData = DATA) -> tuple[str, str]:
+    """A logged model whose evaluation ``metrics`` are logged as evaluate logs them (no champion)."""
     run_id, uri = logged_model(experiment)
-    return registry.register_challenger(name, uri, run_id, metrics, {"data_version": "d1"}), run_id
+    registry.log_evaluation(workflow_for(name, GATE), run_id, metrics, registry.ChampionScore(None, None),
+                            model_uri=uri, data=data)
+    return run_id, uri
+
+
+def register(name: str, experiment: str, metrics: dict) -> tuple[str, str]:
+    run_id, uri = evaluated_model(name, experiment, metrics)
+    return registry.register_challenger(name, uri, run_id, {"data_version": "d1"}), run_id
 
 
 @pytest.fixture
@@ -57,9 +74,9 @@ def test_first_passing_version_becomes_champion(model_name):
     assert decision.decision == registry.PROMOTED and champion(model_name) == v1
     tags = mlflow_utils.configure().get_model_version(model_name, v1).tags
     assert tags["decision"] == "promoted" and "no champion yet" in tags["decision_reason"]
-    assert tags["mlflow_run_id"] == run_id and tags["metric.mae"] == "0.5"
+    assert tags["mlflow_run_id"] == run_id and not [k for k in tags if k.startswith("metric.")]
     # Registering the same run again creates no second version.
-    again = registry.register_challenger(model_name, f"runs:/{run_id}/model", run_id, {"mae": 0.5}, {})
+    again = registry.register_challenger(model_name, f"runs:/{run_id}/model", run_id, {})
     assert again == v1
 
 
@@ -175,6 +192,8 @@ def test_cli_pending_lists_versions_awaiting_approval_with_metrics(model_name, m
     registry.decide(model_name, v1, gate, {"mae": 0.5, "skill_mae": 0.2}, None, None)
     rows = registry.pending(model_name)
     assert [(r.version, r.metrics, r.evaluated_against) for r in rows] == [(v1, {"mae": 0.5, "skill_mae": 0.2}, "none")]
+    # Read from the version's logged model (its model metrics): no metric.* tags any more.
+    assert not [k for k in mlflow_utils.configure().get_model_version(model_name, v1).tags if k.startswith("metric.")]
     listed = registry_cli("pending", model_name, uri=mlflow_server)
     assert listed.returncode == 0, listed.stderr
     (row,) = [line for line in listed.stdout.splitlines() if line.startswith(model_name)]
@@ -239,3 +258,124 @@ def test_no_champion_means_nothing_to_score(model_name):
     called = []
     score = registry.score_champion(workflow_for(model_name, GATE), lambda uri: called.append(uri) or {"mae": 1})
     assert score == registry.ChampionScore(None, None) and called == []
+
+
+# -- the registry as people see it in MLflow: metrics on the logged model, data as a dataset -------
+
+
+def test_evaluation_metrics_live_on_the_logged_model_with_their_dataset(model_name, tmp_path):
+    data = registry.EvaluationData(name="household_power-eval-2010-10-02", version="power-0123456789abcdef",
+                                   source=str(tmp_path / "power-0123456789abcdef"), day=date(2010, 11, 26),
+                                   profile={"hours": 1344})
+    run_id, uri = logged_model("reg-tests")
+    metrics = {"mae": 0.5, "skill_mae": 0.2, "baseline_mae": 0.62}
+    for _ in range(2):  # a retried evaluate logs the same again: still one dataset, one value per key
+        registry.log_evaluation(workflow_for(model_name, GATE), run_id, metrics,
+                                registry.ChampionScore(None, None), model_uri=uri, data=data)
+    client = mlflow_utils.configure()
+    model = client.get_logged_model(registry.logged_model_id(uri))
+    assert {m.key for m in model.metrics} == set(metrics)
+    for m in model.metrics:
+        assert m.value == metrics[m.key] and m.run_id == run_id
+        assert (m.dataset_name, m.dataset_digest) == (data.name, data.version)
+    run = client.get_run(run_id)
+    (used,) = run.inputs.dataset_inputs
+    assert (used.dataset.name, used.dataset.digest) == (data.name, data.version)
+    assert {t.key: t.value for t in used.tags}["mlflow.data.context"] == "evaluation"
+    assert json.loads(used.dataset.source) == {"uri": data.source}
+    assert json.loads(used.dataset.profile) == {"hours": 1344}
+    assert run.data.metrics == metrics  # the run shows them too
+
+    version = registry.register_challenger(model_name, uri, run_id, {"data_version": data.version})
+    mv = client.get_model_version(model_name, version)
+    assert not [k for k in mv.tags if k.startswith("metric.")]
+    assert mv.tags["data_version"] == data.version and mv.tags["mlflow_run_id"] == run_id
+    assert registry.version_metrics(client, mv) == metrics
+
+
+def test_version_metrics_fall_back_to_the_run(model_name):
+    """A version whose logged model has no metrics (evaluated before they moved to the model)."""
+    run_id, uri = logged_model("reg-tests")
+    client = mlflow_utils.configure()
+    client.log_metric(run_id, "mae", 0.7)  # a run metric only
+    version = registry.register_challenger(model_name, uri, run_id, {})
+    assert not client.get_logged_model(registry.logged_model_id(uri)).metrics
+    assert registry.version_metrics(client, client.get_model_version(model_name, version)) == {"mae": 0.7}
+
+
+# -- champion health -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def webhook(monkeypatch):
+    """A real HTTP receiver on 127.0.0.1 as the alerts_webhook connection (the only channel)."""
+    received: list[dict] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server API
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    for conn_id in alerts.CHANNELS:
+        monkeypatch.delenv(f"AIRFLOW_CONN_{conn_id.upper()}", raising=False)
+    monkeypatch.setenv("AIRFLOW_CONN_ALERTS_WEBHOOK", json.dumps(
+        {"conn_type": "http", "extra": {"url": f"http://127.0.0.1:{server.server_port}/hook"}}))
+    yield received
+    server.shutdown()
+
+
+def test_champion_health_is_a_daily_series_on_its_model_and_degradation_notifies(model_name, webhook):
+    """Each evaluation scores the champion on the newest data: one more point of
+    champion_health_<metric> on the champion's logged model (step = the data's day), and a notice
+    once it is worse than when it was promoted by more than the workflow's tolerance (20 %)."""
+    v1, champion_run = register(model_name, "reg-tests", {"mae": 0.5, "skill_mae": 0.2})  # promoted with 0.5
+    registry.decide(model_name, v1, GATE, {"mae": 0.5, "skill_mae": 0.2}, None, None)
+    workflow = workflow_for(model_name, GATE)
+    assert workflow.health_tolerance == 0.2
+    client = mlflow_utils.configure()
+    days = [date(2010, 11, 24), date(2010, 11, 25), date(2010, 11, 26)]
+    scores = [0.55, 0.58, 0.65]  # 10 %, 16 % (within the tolerance), 30 % worse (over it)
+    for n, (day, score) in enumerate(zip(days, scores, strict=True), start=1):
+        data = registry.EvaluationData(name=f"power-eval-{day}", version=f"power-{n:016d}", source="/tmp/d", day=day)
+        run_id, uri = logged_model("reg-tests")
+        registry.log_evaluation(workflow, run_id, {"mae": 0.3, "skill_mae": 0.4},
+                                registry.ChampionScore(v1, score), model_uri=uri, data=data)
+        history = client.get_metric_history(champion_run, "champion_health_mae")
+        assert [(m.value, m.step) for m in history] == [
+            (s, (d - date(1970, 1, 1)).days) for d, s in zip(days[:n], scores[:n], strict=False)]
+        # The champion's score is the challenger run's metric, never the challenger model's.
+        assert client.get_run(run_id).data.metrics["champion_mae"] == score
+        assert "champion_mae" not in {m.key for m in client.get_logged_model(registry.logged_model_id(uri)).metrics}
+        tags = client.get_model_version(model_name, v1).tags
+        if n < 3:
+            assert tags["champion_health"] == "ok" and "within the tolerance of 20%" in tags["champion_health_detail"]
+            assert webhook == [], "no notice while the champion is within the tolerance"
+
+    on_model = [m for m in client.get_logged_model(registry.logged_model_id(
+        client.get_model_version(model_name, v1).source)).metrics if m.key == "champion_health_mae"]
+    assert sorted((m.step, m.value, m.dataset_name) for m in on_model) == [
+        ((d - date(1970, 1, 1)).days, s, f"power-eval-{d}") for d, s in zip(days, scores, strict=True)]
+    degradation = client.get_metric_history(champion_run, registry.HEALTH_DEGRADATION)
+    assert [round(m.value, 6) for m in degradation] == [0.1, 0.16, 0.3]
+    assert tags["champion_health"] == "degraded"
+    assert "30.0% worse than when promoted (0.5)" in tags["champion_health_detail"]
+    (notice,) = webhook
+    assert notice["subject"] == f"{model_name} champion v{v1} degraded: mae 0.65 (was 0.5 when promoted)"
+    assert "over the tolerance of 20%" in notice["text"] and champion_run in notice["text"]
+    assert notice["extra"]["version"] == v1 and notice["extra"]["degradation"] == pytest.approx(0.3)
+    assert notice["extra"]["data_version"] == "power-0000000000000003"
+
+
+def test_degradation_follows_the_direction_of_the_gate():
+    accuracy = PromotionGate(metric="test_accuracy", greater_is_better=True, threshold_metric="test_accuracy",
+                             threshold=0.9)
+    assert registry.degradation(accuracy, 0.95, 0.76) == pytest.approx(0.2)  # 20 % lower accuracy
+    assert registry.degradation(accuracy, 0.95, 0.99) < 0
+    assert registry.degradation(GATE, 0.5, 0.6) == pytest.approx(0.2)  # 20 % higher MAE
+    assert registry.degradation(GATE, 0.5, 0.4) == pytest.approx(-0.2)

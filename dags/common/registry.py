@@ -3,8 +3,10 @@
 The protocol, per registered model:
 
 1. ``register_challenger`` registers the run's model as a new version (or finds the version this
-   run already registered: re-running the task creates nothing twice), tags it with its metrics
-   and lineage, and points the ``challenger`` alias at it.
+   run already registered: re-running the task creates nothing twice), tags it with its lineage
+   and points the ``challenger`` alias at it. Its metrics are not tags: ``log_evaluation`` logged
+   them on the logged model (MLflow 3 model metrics), linked to the evaluation data as an MLflow
+   dataset whose digest is the data version; the version page shows them from there.
 2. ``decide`` applies the workflow's :class:`~common.config.PromotionGate` and records the outcome
    as version tags ``decision`` (promoted | rejected | pending_approval) and ``decision_reason``.
 
@@ -27,23 +29,30 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import fcntl
 import json
 import logging
+import math
 import sys
 import tempfile
 import time
+import urllib.parse
+import warnings
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, date, datetime, timedelta
 from typing import Any, TypedDict
 
 import mlflow
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import Metric
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from common import config, mlflow_utils
+from common import alerts, config, mlflow_utils
 from common.config import PromotionGate, WorkflowConfig
 from common.mlflow_utils import configure
 from scripts.core import paths
@@ -56,6 +65,10 @@ NO_CHAMPION = "none"
 TAG_DECISION, TAG_REASON = "decision", "decision_reason"
 TAG_EVALUATED_AGAINST = "evaluated_against_champion"
 TAG_GATE_METRIC, TAG_GATE_THRESHOLD_METRIC = "gate_metric", "gate_threshold_metric"
+EVALUATION_CONTEXT = "evaluation"  # the input dataset's context on the evaluate step's run
+TAG_HEALTH, TAG_HEALTH_DETAIL = "champion_health", "champion_health_detail"
+HEALTH_OK, HEALTH_DEGRADED = "ok", "degraded"
+HEALTH_DEGRADATION = "champion_health_degradation"  # relative, > 0: worse than when promoted
 
 
 class RegistryUserError(ValueError):
@@ -111,9 +124,9 @@ def _wait_ready(client: MlflowClient, name: str, version: str, timeout: float = 
         time.sleep(1)
 
 
-def register_challenger(model_name: str, model_uri: str, run_id: str,
-                        metrics: Mapping[str, float], tags: Mapping[str, str]) -> str:
-    """Register (once per run) and alias the version ``challenger``; returns the version."""
+def register_challenger(model_name: str, model_uri: str, run_id: str, tags: Mapping[str, str]) -> str:
+    """Register (once per run) and alias the version ``challenger``; returns the version. Its
+    metrics are the logged model's (``log_evaluation``), never copied into tags."""
     client = configure()
     existing = client.search_model_versions(f"name = '{model_name}' AND run_id = '{run_id}'")
     if existing:
@@ -122,9 +135,7 @@ def register_challenger(model_name: str, model_uri: str, run_id: str,
     else:
         version = _create_version(client, model_name, model_uri, run_id)
         _wait_ready(client, model_name, version)
-    all_tags = {**tags, "mlflow_run_id": run_id,
-                **{f"metric.{k}": f"{float(v):.6g}" for k, v in metrics.items()}}
-    for key, value in all_tags.items():
+    for key, value in {**tags, "mlflow_run_id": run_id}.items():
         client.set_model_version_tag(model_name, version, key, str(value))
     client.set_registered_model_alias(model_name, CHALLENGER, version)
     return version
@@ -143,7 +154,7 @@ def _create_version(client: MlflowClient, model_name: str, model_uri: str, run_i
         except MlflowException as exc:  # created meanwhile by a run registering at the same moment
             if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
                 raise
-    model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
+    model_id = logged_model_id(model_uri)
     mv = client.create_model_version(model_name, source=model_uri, run_id=run_id, model_id=model_id)
     if model_id:  # the logged model's link to its registered versions, as register_model keeps it
         with contextlib.suppress(MlflowException):
@@ -154,6 +165,37 @@ def _create_version(client: MlflowClient, model_name: str, model_uri: str, run_i
             client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(links)})
     log.info("registered %s as %s v%s", model_uri, model_name, mv.version)
     return str(mv.version)
+
+
+def logged_model_id(model_uri: str | None) -> str | None:
+    """The MLflow 3 logged model a URI names (``models:/m-...``, what ``log_model`` returns, and
+    the ``source`` of every version registered here); None for any other URI."""
+    return model_uri.removeprefix("models:/") if model_uri and model_uri.startswith("models:/m-") else None
+
+
+def _version_model_id(mv: ModelVersion) -> str | None:
+    # The REST API does not carry a version's model_id (MLflow 3.17): its source names the model.
+    return getattr(mv, "model_id", None) or logged_model_id(mv.source)
+
+
+def _latest(entries: list[Metric] | None) -> dict[str, float]:
+    """Key -> the value logged last (a retried step may have logged a key twice)."""
+    latest: dict[str, Metric] = {}
+    for m in entries or []:
+        if m.key not in latest or (m.timestamp, m.step) >= (latest[m.key].timestamp, latest[m.key].step):
+            latest[m.key] = m
+    return {k: float(m.value) for k, m in latest.items()}
+
+
+def version_metrics(client: MlflowClient, mv: ModelVersion) -> dict[str, float]:
+    """A version's evaluation metrics: its logged model's metrics, else (a version registered
+    from a run URI, or before metrics moved to the model) its run's."""
+    model_id = _version_model_id(mv)
+    if model_id:
+        with contextlib.suppress(MlflowException):  # the logged model was deleted
+            if found := _latest(client.get_logged_model(model_id).metrics):
+                return found
+    return dict(client.get_run(mv.run_id).data.metrics) if mv.run_id else {}
 
 
 def decide(model_name: str, version: str, gate: PromotionGate, metrics: Mapping[str, float],
@@ -228,24 +270,180 @@ def score_champion(workflow: WorkflowConfig, scorer: Callable[[str], Mapping[str
         return ChampionScore(champion.version, None)
 
 
+@dataclass(frozen=True)
+class EvaluationData:
+    """The data an evaluation scored on, as MLflow shows it: an MLflow dataset (context
+    ``evaluation``) named ``name`` whose digest is the data version, so the metrics of every model
+    scored on the same data carry the same dataset and can be compared in the MLflow UI."""
+
+    name: str  # what the data is, e.g. "household_power-eval-2010-10-02" (with the window it covers)
+    version: str  # the data version (the snapshot's content hash): the dataset's digest
+    source: str  # where it lies: a snapshot folder, a lake partition (local path or s3:// URI)
+    # The newest day the data holds (power: the snapshot's last day, tick: the trade day): the step
+    # of the champion's health series. None (the image test sets have no date): the day evaluated.
+    day: date | None = None
+    profile: Mapping[str, Any] = field(default_factory=dict)  # a summary: rows, window, subset
+
+    def dataset(self) -> _EvaluationDataset:
+        with warnings.catch_warnings():  # MLflow 3.17 registers its local source twice and says so
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+            source = resolve_dataset_source(self.source)
+        return _EvaluationDataset(source, self.name, self.version, dict(self.profile))
+
+    def step(self) -> int:
+        """The day as a number (days since 1970-01-01): the x of the champion's health series."""
+        return ((self.day or datetime.now(UTC).date()) - date(1970, 1, 1)).days
+
+
+class _EvaluationDataset(MetaDataset):
+    """An MLflow dataset of metadata only (the data stays in its snapshot), with a profile."""
+
+    def __init__(self, source: Any, name: str, digest: str, profile: dict[str, Any]) -> None:
+        super().__init__(source, name=name, digest=digest)
+        self._profile = profile
+
+    @property
+    def profile(self) -> dict[str, Any] | None:
+        return self._profile or None
+
+    def to_dict(self) -> dict[str, str]:
+        config = super().to_dict()
+        if self._profile:
+            config["profile"] = json.dumps(self._profile, default=str)
+        return config
+
+
 def log_evaluation(workflow: WorkflowConfig, run_id: str, metrics: Mapping[str, float],
-                   champion: ChampionScore,
-                   write_artifacts: Callable[[str], None] | None = None) -> Evaluated:
-    """The evaluate step's MLflow side, shared by every workflow: the challenger's metrics, the
-    champion's score beside them as ``champion_<gate metric>``, the champion they were compared
-    with (what ``decide`` re-checks), and files ``write_artifacts(folder)`` writes, logged under
-    ``evaluation/``. Returns the step's XCom."""
+                   champion: ChampionScore, write_artifacts: Callable[[str], None] | None = None, *,
+                   model_uri: str | None = None, data: EvaluationData | None = None) -> Evaluated:
+    """The evaluate step's MLflow side, shared by every workflow.
+
+    On the run ``run_id``: the evaluation data as an input dataset (context ``evaluation``, digest
+    = the data version); the challenger's ``metrics`` as model metrics of the logged model
+    ``model_uri``, linked to that dataset (also the run's metrics); the champion's score beside
+    them as ``champion_<gate metric>`` (a run metric only: it is not this model's); the champion
+    they were compared with (what ``decide`` re-checks); files ``write_artifacts(folder)`` writes,
+    under ``evaluation/``. Then the champion's health (:func:`record_champion_health`). Returns
+    the step's XCom. Every workflow passes ``model_uri`` and ``data``; without them the metrics go
+    to the model the run logged (MLflow's own link), with no dataset."""
     logged = {k: float(v) for k, v in metrics.items()}
-    if champion.score is not None:
-        logged[CHAMPION + "_" + workflow.gate.metric] = champion.score
+    dataset = data.dataset() if data is not None else None
+    client = configure()
     with mlflow_utils.reopen_run(run_id):
-        mlflow.log_metrics(logged)
+        if dataset is not None:
+            mlflow.log_input(dataset, context=EVALUATION_CONTEXT)
+        # model_id None (a model logged under a runs:/ URI): MLflow links the run's own model.
+        mlflow.log_metrics(logged, model_id=logged_model_id(model_uri), dataset=dataset, run_id=run_id)
+        if champion.score is not None:
+            logged[CHAMPION + "_" + workflow.gate.metric] = champion.score
+            client.log_batch(run_id, metrics=[Metric(CHAMPION + "_" + workflow.gate.metric, champion.score,
+                                                     int(time.time() * 1000), 0)])
         mlflow.set_tag(TAG_EVALUATED_AGAINST, champion.version or NO_CHAMPION)
         if write_artifacts is not None:
             with tempfile.TemporaryDirectory() as folder:
                 write_artifacts(folder)
                 mlflow.log_artifacts(folder, artifact_path="evaluation")
+    record_champion_health(workflow, champion, data)
     return Evaluated(metrics=logged, champion_version=champion.version, champion_score=champion.score)
+
+
+@dataclass(frozen=True)
+class Health:
+    """The champion scored on the newest evaluation data, against its score when promoted."""
+
+    model_name: str
+    version: str
+    metric: str  # the gate's metric
+    score: float  # now, on the newest evaluation data
+    promoted_score: float | None  # on its own evaluation data when it was promoted; None: unknown
+    degradation: float | None  # relative change for the worse (0.25 = 25 % worse); None: unknown
+    tolerance: float
+    step: int  # the day number of the data (EvaluationData.step)
+    notified: tuple[str, ...] = ()  # the channels that accepted the degradation notice
+
+    @property
+    def degraded(self) -> bool:
+        return self.degradation is not None and self.degradation > self.tolerance
+
+
+def health_metric(workflow: WorkflowConfig) -> str:
+    """The champion's health series on its logged model: ``champion_health_<gate metric>``."""
+    return f"champion_health_{workflow.gate.metric}"
+
+
+def degradation(gate: PromotionGate, promoted: float, now: float) -> float:
+    """How much worse ``now`` is than ``promoted``, relative to it (negative: better)."""
+    worse = (promoted - now) if gate.greater_is_better else (now - promoted)
+    if promoted == 0:
+        return math.inf if worse > 0 else 0.0
+    return worse / abs(promoted)
+
+
+def record_champion_health(workflow: WorkflowConfig, champion: ChampionScore,
+                           data: EvaluationData | None) -> Health | None:
+    """Champion health: log the champion's score on the newest evaluation data as one point of a
+    time series on its logged model (``champion_health_<gate metric>``, step = the data's day
+    number, linked to the evaluation dataset; in the champion's own run, so the run's charts
+    show it over the days), with ``champion_health_degradation`` (relative to the score it was
+    promoted with). Worse by more than ``workflow.health_tolerance``: a warning, version tags
+    ``champion_health=degraded`` and ``champion_health_detail``, and a notice to every configured
+    alert channel. None when there is no champion or it could not be scored. ``data`` None (no
+    evaluation dataset): the point has no dataset and the day is today's."""
+    if champion.version is None or champion.score is None:
+        return None
+    data = data or EvaluationData(name="", version="", source="")
+    client = configure()
+    name, gate = workflow.model_name, workflow.gate
+    mv = client.get_model_version(name, champion.version)
+    promoted = version_metrics(client, mv).get(gate.metric)
+    change = degradation(gate, promoted, champion.score) if promoted is not None else None
+    health = Health(name, champion.version, gate.metric, champion.score, promoted, change,
+                    workflow.health_tolerance, data.step())
+    now_ms, model_id = int(time.time() * 1000), _version_model_id(mv)
+    on_data = {"dataset_name": data.name or None, "dataset_digest": data.version or None}
+    points = [Metric(health_metric(workflow), champion.score, now_ms, health.step, model_id=model_id, **on_data)]
+    if change is not None and math.isfinite(change):
+        points.append(Metric(HEALTH_DEGRADATION, change, now_ms, health.step, model_id=model_id, **on_data))
+    if mv.run_id:
+        client.log_batch(mv.run_id, metrics=points)
+    detail = _health_detail(health, data)
+    client.set_model_version_tag(name, champion.version, TAG_HEALTH,
+                                 HEALTH_DEGRADED if health.degraded else HEALTH_OK)
+    client.set_model_version_tag(name, champion.version, TAG_HEALTH_DETAIL, detail)
+    if not health.degraded:
+        log.info("%s champion v%s healthy: %s", name, champion.version, detail)
+        return health
+    log.warning("%s champion v%s degraded: %s", name, champion.version, detail)
+    link = _without_credentials(mlflow_utils.run_url(mv.run_id)) if mv.run_id else ""
+    sent = alerts.notify_message(
+        f"{name} champion v{champion.version} degraded: {gate.metric} {champion.score:.4g} "
+        f"(was {promoted:.4g} when promoted)",
+        f"{detail}\nThe champion's run (its health series): {link}\nRetrain it, or roll it back "
+        f"(python -m common.registry rollback {name}; docs/operations.md).",
+        model_name=name, version=champion.version, metric=gate.metric, score=champion.score,
+        promoted_score=promoted, degradation=change, tolerance=workflow.health_tolerance,
+        data_name=data.name, data_version=data.version, step=health.step)
+    return dataclasses.replace(health, notified=tuple(sent))
+
+
+def _health_detail(health: Health, data: EvaluationData) -> str:
+    day = (date(1970, 1, 1) + timedelta(days=health.step)).isoformat()
+    on = f"on {data.name} (data version {data.version}, day {day})" if data.name else f"on {day}"
+    if health.promoted_score is None:
+        return f"{health.metric}={health.score:.4g} {on}; its score when promoted is unknown"
+    change = health.degradation or 0.0
+    trend = (f"{change:.1%} worse than" if change > 0 else f"{-change:.1%} better than" if change < 0
+             else "the same as")
+    verdict = "over" if health.degraded else "within"
+    return (f"{health.metric}={health.score:.4g} {on}, {trend} when promoted "
+            f"({health.promoted_score:.4g}); {verdict} the tolerance of {health.tolerance:.0%}")
+
+
+def _without_credentials(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
 
 
 def register_and_decide(workflow: WorkflowConfig, trained: Mapping[str, Any], evaluated: Evaluated,
@@ -254,7 +452,7 @@ def register_and_decide(workflow: WorkflowConfig, trained: Mapping[str, Any], ev
     its lineage tags and the git commit), then apply the workflow's gate against the champion
     that evaluation scored on the same data."""
     metrics = evaluated["metrics"]
-    version = register_challenger(workflow.model_name, trained["model_uri"], trained["run_id"], metrics,
+    version = register_challenger(workflow.model_name, trained["model_uri"], trained["run_id"],
                                   tags={**tags, "git_commit": mlflow_utils.git_commit()})
     return decide(workflow.model_name, version, workflow.gate, metrics,
                   champion_score=evaluated["champion_score"],
@@ -333,7 +531,8 @@ class PendingVersion:
     model_name: str
     version: str
     created: str  # ISO 8601, UTC
-    metrics: dict[str, float]  # the gate's metric and threshold metric (every metric if unknown)
+    metrics: dict[str, float]  # the gate's metric and threshold metric (every metric if unknown),
+    # from the version's logged model (its model metrics), else from its run
     evaluated_against: str  # the champion it was compared with ("none": there was none)
     reason: str
 
@@ -357,7 +556,7 @@ def pending(model_name: str | None = None) -> list[PendingVersion]:
             tags = mv.tags or {}
             if tags.get(TAG_DECISION) != PENDING:
                 continue
-            recorded = {k.removeprefix("metric."): float(v) for k, v in tags.items() if k.startswith("metric.")}
+            recorded = version_metrics(client, mv)  # the logged model's metrics, else the run's
             wanted = _gate_metrics(name, tags)
             metrics = {k: recorded[k] for k in dict.fromkeys(wanted or []) if k in recorded} or recorded
             created = datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC).isoformat(timespec="seconds")

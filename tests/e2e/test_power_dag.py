@@ -72,6 +72,15 @@ def test_run_registers_champion_then_worse_run_leaves_it(dag, mlflow_server, syn
     assert v1.tags["decision"] == "promoted" and v1.tags["data_version"] == tags["data_version"]
     model = mlflow.models.get_model_info(f"models:/{CFG.model_name}/{v1.version}")
     assert model.signature is not None and model.saved_input_example_info is not None
+    # Evaluation metrics are the logged model's, linked to the window as a dataset (digest = data version).
+    client = mlflow_utils.configure()
+    on_model = {m.key: m for m in client.get_logged_model(model.model_id).metrics}
+    assert on_model["mae"].value == pytest.approx(metrics["mae"])
+    assert on_model["mae"].dataset_digest == tags["data_version"]
+    assert on_model["mae"].dataset_name.startswith("household_power-eval-")
+    (window,) = run.inputs.dataset_inputs
+    assert window.dataset.digest == tags["data_version"] and window.dataset.name == on_model["mae"].dataset_name
+    assert not [k for k in v1.tags if k.startswith("metric.")]
 
     # Same data, a far weaker model: registered as challenger, champion stays.
     second = dag.test(run_conf={**SMALL, "num_boost_round": 2, "learning_rate": 0.01})
@@ -81,7 +90,10 @@ def test_run_registers_champion_then_worse_run_leaves_it(dag, mlflow_server, syn
     assert run2.data.metrics["champion_mae"] == pytest.approx(metrics["mae"], rel=1e-6)
     v2 = version_of(run2.info.run_id)
     assert v2.tags["decision"] == "rejected"
-    client = mlflow_utils.configure()
+    # Champion health: the second run's score of v1 is a point of v1's series, in v1's own run.
+    (point,) = client.get_metric_history(run.info.run_id, "champion_health_mae")
+    assert point.value == pytest.approx(run2.data.metrics["champion_mae"])
+    assert client.get_model_version(CFG.model_name, v1.version).tags["champion_health"] == "ok"
     assert client.get_model_version_by_alias(CFG.model_name, registry.CHAMPION).version == v1.version
     assert client.get_model_version_by_alias(CFG.model_name, registry.CHALLENGER).version == v2.version
 

@@ -195,7 +195,8 @@ def _nearest_centroid_accuracy(data: ImageArrays) -> float:
 
 def evaluate(cfg: WorkflowConfig, snapshot: Snapshot, trained: Trained) -> registry.Evaluated:
     """The logged model, the baseline and the current champion on the images the run was tested
-    on (its subset, as train drew it); the confusion matrix and misclassified images."""
+    on (its subset, as train drew it); metrics on the logged model (the test images as their
+    dataset), the confusion matrix and misclassified images, and the champion's health."""
     threads.apply()
     mlflow_utils.configure()  # before the first load: the server may be known only by its connection
     data = Subset.from_dict(trained["subset"]).apply(image_data.load_snapshot(snapshot["uri"]))
@@ -214,7 +215,18 @@ def evaluate(cfg: WorkflowConfig, snapshot: Snapshot, trained: Trained) -> regis
         plots.plot_misclassified(data.x_test, data.y_test, predictions, data.classes,
                                  f"{folder}/misclassified.png")
 
-    return registry.log_evaluation(cfg, trained["run_id"], metrics, champion, write_artifacts)
+    return registry.log_evaluation(cfg, trained["run_id"], metrics, champion, write_artifacts,
+                                   model_uri=trained["model_uri"], data=evaluation_data(snapshot, len(data.y_test)))
+
+
+def evaluation_data(snapshot: Snapshot, images: int) -> registry.EvaluationData:
+    """The test images scored, as MLflow's evaluation dataset: the snapshot's test split (a
+    smoke run's subset says so in the name), digest = the snapshot's data version. The test set
+    has no date: the champion's health point is on the day evaluated."""
+    split = "test" if images == snapshot["n_test"] else f"test-subset-{images}"
+    return registry.EvaluationData(
+        name=f"{snapshot['dataset']}-{split}", version=snapshot["data_version"], source=snapshot["uri"],
+        profile={"images": images, "n_test": snapshot["n_test"], "source": snapshot["source"]})
 
 
 def register(cfg: WorkflowConfig, snapshot: Snapshot, trained: Trained, evaluated: registry.Evaluated,

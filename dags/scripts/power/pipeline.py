@@ -102,7 +102,8 @@ def train(cfg: WorkflowConfig, snapshot: Snapshot, values: Mapping[str, Any] | N
 
 
 def evaluate(cfg: WorkflowConfig, snapshot: Snapshot, trained: Trained) -> registry.Evaluated:
-    """Score model, baselines and champion on the same window; log metrics and plots."""
+    """Score model, baselines and champion on the same window; log metrics (on the logged model,
+    with the window as their dataset), plots, and the champion's health."""
     threads.apply()
     mlflow_utils.configure()  # before the first load: the server may be known only by its connection
     import mlflow
@@ -127,7 +128,20 @@ def evaluate(cfg: WorkflowConfig, snapshot: Snapshot, trained: Trained) -> regis
         model.plot_importance(booster, f"{folder}/feature_importance.png")
         evaluation.frame.to_csv(f"{folder}/eval_forecasts.csv", index=False)
 
-    return registry.log_evaluation(cfg, trained["run_id"], metrics, champion, artifacts)
+    return registry.log_evaluation(cfg, trained["run_id"], metrics, champion, artifacts,
+                                   model_uri=trained["model_uri"], data=evaluation_data(snapshot, evaluation))
+
+
+def evaluation_data(snapshot: Snapshot, evaluation: model.Evaluation) -> registry.EvaluationData:
+    """The scored window as MLflow's evaluation dataset: the snapshot's hours from the window's
+    start (in its name), digest = the snapshot's data version; its last day is the day of the
+    champion's health point."""
+    hours = evaluation.frame["timestamp"]
+    first, last = hours.min(), hours.max()
+    return registry.EvaluationData(
+        name=f"household_power-eval-{first:%Y-%m-%d}", version=snapshot["data_version"],
+        source=snapshot["uri"], day=last.date(),
+        profile={"hours": len(evaluation.frame), "window_start": str(first), "window_end": str(last)})
 
 
 def register(cfg: WorkflowConfig, snapshot: Snapshot, trained: Trained, evaluated: registry.Evaluated,

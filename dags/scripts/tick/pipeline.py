@@ -284,7 +284,8 @@ def _load(model_uri: str) -> tick_model.HarXgbModel:
 
 
 def evaluate(cfg: WorkflowConfig, built: Built, trained: Trained) -> registry.Evaluated:
-    """Walk-forward scores of model, persistence, HAR and champion on the day; plots to MLflow."""
+    """Walk-forward scores of model, persistence, HAR and champion on the day; metrics on the
+    logged model (the day's features as their dataset), plots, and the champion's daily health."""
     threads.apply()
     mlflow_utils.configure()  # before the first load: the server may be known only by its connection
     started = time.perf_counter()
@@ -298,7 +299,18 @@ def evaluate(cfg: WorkflowConfig, built: Built, trained: Trained) -> registry.Ev
         tick_model.plot_volatility(evaluation.frame, f"{folder}/predicted_vs_realized_volatility.png")
         evaluation.frame.write_csv(f"{folder}/eval_predictions.csv")
 
-    return registry.log_evaluation(cfg, trained["run_id"], metrics, champion, artifacts)
+    return registry.log_evaluation(cfg, trained["run_id"], metrics, champion, artifacts,
+                                   model_uri=trained["model_uri"], data=evaluation_data(built))
+
+
+def evaluation_data(built: Built) -> registry.EvaluationData:
+    """The evaluated day as MLflow's evaluation dataset: its feature partition, digest = the data
+    version of the trades it was built from (every model scored on that day shares it); the day
+    is the step of the champion's daily health point."""
+    return registry.EvaluationData(
+        name=f"tick-features-{built['day']}", version=built["data_version"], source=built["uri"],
+        day=_day(built), profile={"rows": built["rows"], "trades": built["trades"],
+                                  "features_sha256": built["sha256"], "synthetic": built["synthetic"]})
 
 
 def register(cfg: WorkflowConfig, validated: Validated, trained: Trained, evaluated: registry.Evaluated,
