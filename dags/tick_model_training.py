@@ -4,15 +4,18 @@
 Forecasts the next 5 minutes' realized volatility of US equities from the tick lake, once per
 trading day after the New York close.
 
-`wait_for_trades` waits (reschedule mode: no worker slot held) for the day's trade partitions
-(`<lake>/trades/date=D/_SUCCESS`, written by the importer; this DAG never writes trades) ->
+Runs on the importer's `tick_lake_trades` Asset event for a completed day or at its weekday time,
+whichever comes first (`AssetOrTimeSchedule`). `wait_for_trades` waits (reschedule mode: no worker
+slot held) for the day's trade partitions (`<lake>/trades/date=D/_SUCCESS`, written by the
+importer; this DAG never writes trades; a run the event started finds them at once) ->
 `validate` checks each symbol partition (schema, content hash, quarantined share under
 `max_bad_share`) -> `build_features` (re)builds the day's one-minute feature partition,
 byte-identically -> `train` fits HAR-RV + XGBoost on the days before it -> `evaluate` scores
 model, persistence, HAR and the champion on the day -> `register` registers `tick_model` and
 moves `champion` only through the gate in `common/config.py`.
 
-The day is the run's logical date (UTC calendar day) or the `trade_date` param. Params (typed,
+The day is the `trade_date` param, else the triggering asset event's `day` (its extra), else the
+run's logical date (UTC calendar day). Params (typed,
 bounded and described in the trigger form; declared in `common/config.py`): `trade_date`,
 `max_bad_share` and every `ModelParams` field; an unknown key fails the first task. Backfill:
 `airflow backfill create --dag-id tick_model_training --from-date 2013-10-07 --to-date 2013-10-10 --max-active-runs 1`.
@@ -43,10 +46,14 @@ def tick_model_training() -> None:
         from common.alerts import permanent_errors_fail_fast
         from scripts.tick import pipeline
 
+        events = context.get("triggering_asset_events") or {}
+        extras = [event.extra for asset in events if asset.name == CFG.trigger_asset for event in events[asset]]
         with permanent_errors_fail_fast():  # a bad parameter fails now, not after hours of waiting
             day = pipeline.start(CFG, context["params"], logical_date=context.get("logical_date"),
-                                 run_after=context["dag_run"].run_after)
-        return PokeReturnValue(is_done=pipeline.partition_ready(day), xcom_value=day)
+                                 run_after=context["dag_run"].run_after, events=extras)
+            # An importer's event says the day is complete: ready at the first look, or an error.
+            ready = pipeline.partition_ready(day, announced=bool(extras))
+        return PokeReturnValue(is_done=ready, xcom_value=day)
 
     @task
     def validate(day: Day) -> Validated:

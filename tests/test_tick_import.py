@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
-from datetime import date
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import polars as pl
@@ -275,3 +275,118 @@ def test_import_task_for_upstream_dags(tmp_path, monkeypatch):
     bad = write_csv(tmp_path / "bad.csv", GOOD + [BAD["non_positive_price"], BAD["out_of_session"]])
     with pytest.raises(AirflowFailException, match=r"date=2013-10-08/symbol=IBM 28.57%"):
         import_trades.function([str(bad)])
+
+
+UPSTREAM_DAG = """
+from datetime import UTC, datetime
+
+from airflow.sdk import dag
+
+from upstream.tick_import import import_trades
+
+
+@dag(schedule=None, start_date=datetime(2013, 1, 1, tzinfo=UTC), catchup=False)
+def {dag_id}():
+    import_trades({files!r}, synthetic={synthetic!r})
+
+
+{dag_id}()
+"""
+
+
+def upstream_bundle(folder: Path, dag_id: str, files: list[Path], dags_folder: Path | None = None,
+                    synthetic: bool = False) -> str:
+    """Write a user's minimal upstream DAG (the one in docs/tick_model_training.md) into ``folder``;
+    returns the ``[dag_processor] dag_bundle_config_list`` that serves it beside the repository's
+    dags/ (``dags_folder``, default: ``[core] dags_folder``) as a second DAG bundle."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{dag_id}.py").write_text(UPSTREAM_DAG.format(dag_id=dag_id, files=[str(f) for f in files],
+                                                                   synthetic=synthetic))
+    local = "airflow.dag_processing.bundles.local.LocalDagBundle"
+    return json.dumps([{"name": "dags-folder", "classpath": local,
+                        "kwargs": {"path": str(dags_folder)} if dags_folder else {}},
+                       {"name": "upstream", "classpath": local, "kwargs": {"path": str(folder)}}])
+
+
+def test_import_task_emits_one_asset_event_per_completed_day(airflow_db, tmp_path, monkeypatch):
+    """A real upstream DAG run with ``dag.test()``: the importer task's success registers one
+    ``tick_lake_trades`` event per trading day in its files, the day (and what it holds) in the
+    extra - what starts ``tick_model_training`` for that day."""
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.models.asset import AssetEvent
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    from upstream.tick_import import TRADES
+
+    monkeypatch.setenv("TICK_LAKE", str(tmp_path / "lake"))
+    next_day = [row.replace("2013-10-08", "2013-10-09") for row in GOOD]
+    files = [write_csv(tmp_path / "monday.csv", GOOD),
+             write_csv(tmp_path / "tuesday.csv", [*next_day, "MSFT,2013-10-09 09:30:00.500,33.10,100,N,1,0"])]
+    bundles = upstream_bundle(tmp_path / "upstream", "upstream_trade_drop", files)
+    monkeypatch.setenv("AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST", bundles)
+    upstream = DagBag(str(tmp_path / "upstream")).dags["upstream_trade_drop"]
+    run = upstream.test(logical_date=datetime(2013, 10, 9, 22, tzinfo=UTC))
+    assert run.state == "success"
+    with create_session() as session:
+        events = session.scalars(select(AssetEvent).where(AssetEvent.source_dag_id == upstream.dag_id,
+                                                          AssetEvent.source_run_id == run.run_id)).all()
+        got = sorted((e.asset.name, e.source_task_id, e.extra["day"], e.extra["symbols"], e.extra["trades"])
+                     for e in events)
+    assert TRADES.name == config.get("tick_model_training").trigger_asset == "tick_lake_trades"
+    assert got == [("tick_lake_trades", "import_trades", "2013-10-08", ["IBM"], len(GOOD)),
+                   ("tick_lake_trades", "import_trades", "2013-10-09", ["IBM", "MSFT"], len(GOOD) + 1)]
+
+
+def test_a_run_started_by_asset_events_takes_their_day(tmp_path):
+    """The tick DAG's first step: the triggering event's day beats the (absent) logical date; the
+    newest of several; a ``trade_date`` param beats both; an event without a day fails; a day the
+    event announced but the lake lacks is an error, not a six-hour wait."""
+    from scripts.core.errors import ParameterError
+
+    cfg = config.get("tick_model_training")
+    lake = str(tmp_path / "lake")
+    tick_import.import_files(lake, [write_csv(tmp_path / "good.csv", GOOD)])
+    queued = datetime(2013, 10, 10, 1, tzinfo=UTC)  # an asset run's run_after: the next UTC day
+
+    day = tick_pipeline.start(cfg, {}, logical_date=None, run_after=queued, lake=lake,
+                              events=[{"day": "2013-10-08", "symbols": ["IBM"], "trades": 5}])
+    assert day["day"] == "2013-10-08" and tick_pipeline.partition_ready(day, announced=True)
+    several = [{"day": "2013-10-07"}, {"day": "2013-10-08"}, {"day": "2013-10-04"}]
+    assert tick_pipeline.trade_day(cfg, {}, None, queued, several) == DAY
+    assert tick_pipeline.trade_day(cfg, {"trade_date": "2013-10-04"}, None, queued, several) == date(2013, 10, 4)
+    assert tick_pipeline.trade_day(cfg, {}, None, queued) == date(2013, 10, 10)  # no event: as before
+    with pytest.raises(ParameterError, match="no trade day in its extra"):
+        tick_pipeline.start(cfg, {}, run_after=queued, lake=lake, events=[{"note": "hello"}])
+
+    announced = tick_pipeline.start(cfg, {}, run_after=queued, lake=lake, events=[{"day": "2013-10-09"}])
+    assert tick_pipeline.partition_ready(announced) is False  # a scheduled run would wait
+    with pytest.raises(DataValidationError, match="announced this trade day complete"):
+        tick_pipeline.partition_ready(announced, announced=True)
+
+
+def test_tick_schedule_is_its_weekday_time_or_the_importers_asset():
+    """config.timetable(): Airflow's AssetOrTimeSchedule, the cron as a CronTriggerTimetable in
+    New York time; the other workflows keep their plain cron (or none)."""
+    from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable
+
+    cfg = config.get("tick_model_training")
+    schedule = cfg.timetable()
+    assert isinstance(schedule, AssetOrTimeSchedule)
+    assert schedule.timetable == CronTriggerTimetable("30 17 * * 1-5", timezone="America/New_York")
+    assert list(schedule.asset_condition.objects) == [Asset("tick_lake_trades")]
+    assert config.get("power_lgbm_training").timetable() == config.get("power_lgbm_training").schedule
+
+
+def test_backfill_still_makes_one_run_per_weekday_close():
+    """What ``airflow backfill create`` iterates (the scheduler's copy of the DAG): the asset-or-time
+    schedule is periodic through its cron, and yields the same 17:30 New York runs as the cron did."""
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    dag = DagBag(str(Path(__file__).resolve().parents[1] / "dags")).dags["tick_model_training"]
+    scheduler_dag = DagSerialization.deserialize_dag(DagSerialization.serialize_dag(dag))
+    assert scheduler_dag.timetable.periodic
+    infos = scheduler_dag.iter_dagrun_infos_between(datetime(2026, 1, 5, tzinfo=UTC), datetime(2026, 1, 12, tzinfo=UTC))
+    assert [i.run_after.isoformat() for i in infos] == [
+        f"2026-01-{d:02d}T22:30:00+00:00" for d in (5, 6, 7, 8, 9)]  # 17:30 EST, weekdays only

@@ -229,7 +229,7 @@ class WorkflowConfig:
         return {
             "dag_id": self.dag_id,
             "description": self.description,
-            "schedule": self.schedule,
+            "schedule": self.timetable(),
             "start_date": pendulum.parse(self.start_date, tz=self.timezone),
             "catchup": False,
             "max_active_runs": self.max_active_runs,
@@ -242,6 +242,20 @@ class WorkflowConfig:
             "params": {spec.name: to_param(spec) for spec in self.run_params},
             "tags": list(self.tags),
         }
+
+    def timetable(self) -> object:
+        """The DAG's ``schedule``: the cron (a ``CronTriggerTimetable`` in ``timezone``, what Airflow
+        makes of a cron string) or, with ``trigger_asset``, that cron or the Asset's next event,
+        whichever comes first (Airflow's ``AssetOrTimeSchedule``). Built here, when a DAG file asks
+        (Airflow imported lazily: this module stays standard-library only at import time)."""
+        if self.trigger_asset is None:
+            return self.schedule
+        from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable
+
+        if self.schedule is None:
+            return [Asset(self.trigger_asset)]
+        return AssetOrTimeSchedule(timetable=CronTriggerTimetable(self.schedule, timezone=self.timezone),
+                                   assets=[Asset(self.trigger_asset)])
 
     def train_task_args(self) -> dict[str, object]:
         """Where the training task runs (the GPU for the CNNs)."""

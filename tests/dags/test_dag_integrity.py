@@ -41,7 +41,7 @@ def test_dag_matches_its_config(dagbag, dag_file):
     assert dag.max_active_runs == cfg.max_active_runs
     assert dag.catchup is False
     assert dag.doc_md and dag.doc_md.strip().startswith(f"### {dag.dag_id}")
-    assert dag.schedule == cfg.schedule
+    assert dag.schedule == cfg.timetable()  # the cron, or the cron-or-asset schedule (tick)
     assert str(dag.timezone) == cfg.timezone
     assert dag.on_success_callback
     for task in dag.tasks:

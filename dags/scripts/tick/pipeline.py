@@ -19,7 +19,7 @@ import io
 import logging
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -105,16 +105,36 @@ def day_params(cfg: WorkflowConfig, params: Mapping[str, Any] | None) -> DayPara
     return core_params.build(DayParams, cfg.run_params, params, cfg.dag_id)
 
 
+def event_day(extras: Sequence[Mapping[str, Any]]) -> date | None:
+    """The day the asset events that started a run announce (their extra's ``day``, written by
+    ``upstream.tick_import``); the newest when several came together (the earlier ones are in its
+    training history); None for a run no event started."""
+    days = []
+    for extra in extras:
+        try:
+            days.append(date.fromisoformat(str(extra["day"])))
+        except (KeyError, ValueError):
+            raise ParameterError(f"the asset event that started this run has no trade day in its extra "
+                                 f"(expected {{'day': 'YYYY-MM-DD'}}): {dict(extra)!r}",
+                                 field="day") from None
+    return max(days, default=None)
+
+
 def trade_day(cfg: WorkflowConfig, params: Mapping[str, Any] | None, logical_date: datetime | None,
-              run_after: datetime | None = None) -> date:
-    """The day a run processes: ``trade_date`` if given, else its logical date's UTC calendar day.
+              run_after: datetime | None = None, events: Sequence[Mapping[str, Any]] = ()) -> date:
+    """The day a run processes: ``trade_date`` if given, else the day of the asset events that
+    started it (``events``: their extras, see :func:`event_day`), else its logical date's UTC
+    calendar day.
 
     Scheduled runs fire after the New York close (17:30 ET = 21:30/22:30 UTC, the same UTC day);
-    ``airflow dags test tick_model_training 2013-10-09`` gives midnight UTC of that day.
+    ``airflow dags test tick_model_training 2013-10-09`` gives midnight UTC of that day. A run an
+    asset event started has no logical date: its day is only in the event.
     """
     trade_date = day_params(cfg, params).trade_date
     if trade_date is not None:
         return date.fromisoformat(trade_date)
+    if (announced := event_day(events)) is not None:
+        return announced
     when = logical_date or run_after
     if when is None:
         raise ParameterError("run has neither a logical date nor a trade_date param")
@@ -123,12 +143,13 @@ def trade_day(cfg: WorkflowConfig, params: Mapping[str, Any] | None, logical_dat
 
 # -- the steps --------------------------------------------------------------------------------
 def start(cfg: WorkflowConfig, params: Mapping[str, Any] | None, *, logical_date: datetime | None = None,
-          run_after: datetime | None = None, lake: str | None = None) -> Day:
+          run_after: datetime | None = None, lake: str | None = None,
+          events: Sequence[Mapping[str, Any]] = ()) -> Day:
     """The first step, before any work: every run parameter checked (an unknown key or a bad value
-    fails here, not after hours of waiting), and the run's day, lake (``lake``, else TICK_LAKE) and
-    bad-row limit fixed for the steps after it."""
+    fails here, not after hours of waiting), and the run's day (:func:`trade_day`), lake (``lake``,
+    else TICK_LAKE) and bad-row limit fixed for the steps after it."""
     model_params(cfg, params)
-    return Day(day=trade_day(cfg, params, logical_date, run_after).isoformat(),
+    return Day(day=trade_day(cfg, params, logical_date, run_after, events).isoformat(),
                lake=lake or paths.tick_lake(), max_bad_share=day_params(cfg, params).max_bad_share)
 
 
@@ -141,8 +162,17 @@ def _only_day(day: Day) -> Day:
     return Day(day=day["day"], lake=day["lake"], max_bad_share=day["max_bad_share"])
 
 
-def partition_ready(day: Day) -> bool:
-    return Lake.open(day["lake"]).day_ready(_day(day))
+def partition_ready(day: Day, *, announced: bool = False) -> bool:
+    """Whether the day's trade partitions are complete (its ``_SUCCESS``). ``announced``: an asset
+    event said they are, so a missing marker is an error now, not a reason to wait for hours."""
+    lake = Lake.open(day["lake"])
+    ready = lake.day_ready(_day(day))
+    if announced and not ready:
+        raise DataValidationError(lake.display(f"{lake.day_dir(tick_lake.TRADES, _day(day))}/"
+                                               f"{tick_lake.SUCCESS_FILE}"),
+                                  "an asset event announced this trade day complete, but the lake "
+                                  "has no complete day there")
+    return ready
 
 
 def validate(day: Day) -> Validated:
