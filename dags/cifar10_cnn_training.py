@@ -9,6 +9,10 @@ PyTorch, or `framework="tensorflow"` for Keras 3; per-epoch metrics and checkpoi
 -> `evaluate` scores the logged model, a nearest-centroid baseline and the champion on the same test
 images and logs the confusion matrix and misclassified images -> `register` registers `cifar10_cnn`; `champion` moves only when test accuracy >= 0.90 and
 beats the champion. The `smoke` profile (small subset, CPU, seconds) never promotes.
+A challenger that passes waits in `approve` for a person's Approve/Reject in the Airflow UI (the
+form shows both scores; no answer within `approval_timeout`: Reject) unless the run param
+`auto_promote` is true; `promote` applies the answer. Every new champion is an event of the Asset
+`cifar10_cnn_champion` (docs/model_events.md).
 
 Params (typed, bounded and described in the trigger form; declared in `common/config.py`):
 `profile` (smoke | fast | quality), `framework` (pytorch | tensorflow), and optionally `epochs`
@@ -21,15 +25,18 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from airflow.sdk import dag, task
+from airflow.providers.standard.operators.hitl import HITLOperator
+from airflow.sdk import AssetAlias, Param, dag, task
 
-from common import config
+from common import alerts, config
 
 if TYPE_CHECKING:  # the XCom types; the pipeline itself loads only inside a task (parse time)
     from common.registry import Evaluated
     from scripts.image.pipeline import Snapshot, Trained
 
 CFG = config.get("cifar10_cnn_training")
+# Where every move of the champion is announced: registry.model_alias_name(CFG.model_name).
+CHAMPION_EVENTS = AssetAlias(f"{CFG.model_name}_champion_events")
 DATASET = "cifar10"  # named once here; it travels on in the Snapshot
 
 
@@ -61,17 +68,54 @@ def cifar10_cnn_training() -> None:
 
         return pipeline.evaluate(CFG, snapshot, trained)
 
-    @task(pool=config.REGISTRY_POOL.name)  # one slot shared by every workflow: promotions never race
+    # one slot shared by every workflow: promotions never race;
+    # its alias outlet carries the model Asset's event when the champion moves (auto_promote)
+    @task(pool=config.REGISTRY_POOL.name, outlets=[CHAMPION_EVENTS])
     def register(snapshot: Snapshot, trained: Trained, evaluated: Evaluated, **context) -> dict:
         """Register the challenger; promote only through the gate (smoke never promotes)."""
+        from common import registry
         from common.mlflow_utils import AirflowIdentity
         from scripts.image import pipeline
 
-        return pipeline.register(CFG, snapshot, trained, evaluated, AirflowIdentity.from_context(context))
+        result = pipeline.register(CFG, snapshot, trained, evaluated, AirflowIdentity.from_context(context),
+                                   context["params"])
+        registry.announce_champion(context, CFG.model_name, result["champion_event"])
+        return result
+
+    # Governance (docs/operations.md): a challenger that passed the gate waits for a person here.
+    @task.short_circuit
+    def awaits_approval(decision: dict) -> bool:
+        """True only when register left the challenger waiting for approval (no auto_promote)."""
+        return decision["decision"] == "pending_approval"
+
+    approval = HITLOperator(
+        task_id="approve",
+        subject=f"Promote {CFG.model_name} v{{{{ ti.xcom_pull(task_ids='register')['version'] }}}} to champion?",
+        body="{{ ti.xcom_pull(task_ids='register')['approval_body'] }}",
+        options=["Approve", "Reject"],
+        defaults=["Reject"],  # no answer within the timeout is a rejection
+        params={"reason": Param("", type="string", title="Reason",
+                                description="Why (written on the model version with your name)")},
+        response_timeout=CFG.approval_response_timeout(),
+        notifiers=alerts.notifiers(),  # tells people a decision waits (links to the form)
+    )
+
+    @task(pool=config.REGISTRY_POOL.name, outlets=[CHAMPION_EVENTS])
+    def promote(decision: dict, answer: dict | None, **context) -> dict:
+        """Approve: promote through the gate (champion still the one compared with). Reject or no
+        answer: champion unchanged. Decision, reason and who decided go on the model version."""
+        from common import registry
+
+        result = registry.resolve_approval(CFG.model_name, decision["version"], answer).to_dict()
+        event = registry.champion_event(CFG.model_name, result)
+        registry.announce_champion(context, CFG.model_name, event)
+        return {**result, "champion_event": event}
 
     snapshot = prepare()
     trained = train(snapshot)
-    register(snapshot, trained, evaluate(snapshot, trained))
+    decision = register(snapshot, trained, evaluate(snapshot, trained))
+    awaits_approval(decision) >> approval
+    promote(decision, approval.output)
 
 
 cifar10_cnn_training()

@@ -13,6 +13,10 @@ importer; this DAG never writes trades; a run the event started finds them at on
 byte-identically -> `train` fits HAR-RV + XGBoost on the days before it -> `evaluate` scores
 model, persistence, HAR and the champion on the day -> `register` registers `tick_model` and
 moves `champion` only through the gate in `common/config.py`.
+A challenger that passes waits in `approve` for a person's Approve/Reject in the Airflow UI (the
+form shows both scores; no answer within `approval_timeout`: Reject) unless the run param
+`auto_promote` is true; `promote` applies the answer. Every new champion is an event of the Asset
+`tick_model_champion` (docs/model_events.md).
 
 The day is the `trade_date` param, else the triggering asset event's `day` (its extra), else the
 run's logical date (UTC calendar day). Params (typed,
@@ -26,15 +30,18 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from airflow.sdk import PokeReturnValue, dag, task
+from airflow.providers.standard.operators.hitl import HITLOperator
+from airflow.sdk import AssetAlias, Param, PokeReturnValue, dag, task
 
-from common import config
+from common import alerts, config
 
 if TYPE_CHECKING:  # the XCom types; the module itself loads inside the tasks (numpy, polars, mlflow)
     from common.registry import Evaluated
     from scripts.tick.pipeline import Built, Day, Trained, Validated
 
 CFG = config.get("tick_model_training")
+# Where every move of the champion is announced: registry.model_alias_name(CFG.model_name).
+CHAMPION_EVENTS = AssetAlias(f"{CFG.model_name}_champion_events")
 
 
 @dag(**CFG.dag_kwargs(), doc_md=__doc__)
@@ -93,18 +100,55 @@ def tick_model_training() -> None:
 
         return pipeline.evaluate(CFG, built, trained)
 
-    @task(pool=config.REGISTRY_POOL.name)  # one promotion at a time, across all workflows
+    # one promotion at a time, across all workflows;
+    # its alias outlet carries the model Asset's event when the champion moves (auto_promote)
+    @task(pool=config.REGISTRY_POOL.name, outlets=[CHAMPION_EVENTS])
     def register(validated: Validated, trained: Trained, evaluated: Evaluated, **context) -> dict:
         """Register the challenger; promote to champion only through the gate."""
+        from common import registry
         from common.mlflow_utils import AirflowIdentity
         from scripts.tick import pipeline
 
-        return pipeline.register(CFG, validated, trained, evaluated, AirflowIdentity.from_context(context))
+        result = pipeline.register(CFG, validated, trained, evaluated, AirflowIdentity.from_context(context),
+                                   context["params"])
+        registry.announce_champion(context, CFG.model_name, result["champion_event"])
+        return result
+
+    # Governance (docs/operations.md): a challenger that passed the gate waits for a person here.
+    @task.short_circuit
+    def awaits_approval(decision: dict) -> bool:
+        """True only when register left the challenger waiting for approval (no auto_promote)."""
+        return decision["decision"] == "pending_approval"
+
+    approval = HITLOperator(
+        task_id="approve",
+        subject=f"Promote {CFG.model_name} v{{{{ ti.xcom_pull(task_ids='register')['version'] }}}} to champion?",
+        body="{{ ti.xcom_pull(task_ids='register')['approval_body'] }}",
+        options=["Approve", "Reject"],
+        defaults=["Reject"],  # no answer within the timeout is a rejection
+        params={"reason": Param("", type="string", title="Reason",
+                                description="Why (written on the model version with your name)")},
+        response_timeout=CFG.approval_response_timeout(),
+        notifiers=alerts.notifiers(),  # tells people a decision waits (links to the form)
+    )
+
+    @task(pool=config.REGISTRY_POOL.name, outlets=[CHAMPION_EVENTS])
+    def promote(decision: dict, answer: dict | None, **context) -> dict:
+        """Approve: promote through the gate (champion still the one compared with). Reject or no
+        answer: champion unchanged. Decision, reason and who decided go on the model version."""
+        from common import registry
+
+        result = registry.resolve_approval(CFG.model_name, decision["version"], answer).to_dict()
+        event = registry.champion_event(CFG.model_name, result)
+        registry.announce_champion(context, CFG.model_name, event)
+        return {**result, "champion_event": event}
 
     validated = validate(wait_for_trades())
     built = build_features(validated)
     trained = train(built)
-    register(validated, trained, evaluate(built, trained))
+    decision = register(validated, trained, evaluate(built, trained))
+    awaits_approval(decision) >> approval
+    promote(decision, approval.output)
 
 
 tick_model_training()

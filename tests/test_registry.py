@@ -250,7 +250,7 @@ def test_registry_scores_the_champion_on_the_gate_metric_from_config_alone(model
                                         {"mae": 0.1, "skill_mae": 0.5}, registry.ChampionScore(v1, 0.5))
     assert mlflow.get_run(run_id).data.metrics["champion_mae"] == 0.5
     decision = registry.register_and_decide(workflow_for(model_name, GATE), {"run_id": run_id, "model_uri": uri},
-                                            evaluated, {"data_version": "d3"})
+                                            evaluated, {"data_version": "d3"}, auto_promote=True)
     assert decision.decision == registry.PROMOTED and champion(model_name) == decision.version
 
 

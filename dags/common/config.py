@@ -257,6 +257,12 @@ class WorkflowConfig:
         return AssetOrTimeSchedule(timetable=CronTriggerTimetable(self.schedule, timezone=self.timezone),
                                    assets=[Asset(self.trigger_asset)])
 
+    def approval_response_timeout(self) -> timedelta:
+        """How long the approval step waits for a person: ``approval_timeout``, or
+        ``VTM_APPROVAL_TIMEOUT_SECONDS`` from the environment the DAGs are parsed in (tests, demos)."""
+        seconds = os.environ.get("VTM_APPROVAL_TIMEOUT_SECONDS", "").strip()
+        return timedelta(seconds=float(seconds)) if seconds else self.approval_timeout
+
     def train_task_args(self) -> dict[str, object]:
         """Where the training task runs (the GPU for the CNNs)."""
         return {"pool": self.pool, "pool_slots": self.pool_slots, "queue": self.queue}

@@ -9,6 +9,15 @@ The protocol, per registered model:
    dataset whose digest is the data version; the version page shows them from there.
 2. ``decide`` applies the workflow's :class:`~common.config.PromotionGate` and records the outcome
    as version tags ``decision`` (promoted | rejected | pending_approval) and ``decision_reason``.
+   A challenger that passes waits for a person (``pending_approval``) unless the run promotes
+   unattended (``auto_promote``, config switch and run parameter).
+3. The DAG's ``approve`` step (Airflow's human-in-the-loop operator) asks; ``resolve_approval``
+   applies the answer: :func:`approve` (through the same compare-and-set gate) or :func:`reject`
+   (also what no answer within the approval timeout means). Decision, reason and who decided
+   (``decided_by``: a user, ``gate`` for an unattended decision, ``timeout``) are version tags.
+4. Every move of ``champion`` (unattended promotion, approved promotion, :func:`rollback`) is
+   announced as an event of the Airflow Asset :func:`model_asset_name` (extra:
+   :func:`champion_event`), so a user's DAG can be scheduled on "a new champion".
 
 Evaluation scored the challenger and the then-champion on the same data. ``decide`` re-reads the
 champion under an exclusive lock and refuses to promote when the champion is no longer the one the
@@ -19,7 +28,9 @@ register task also runs in the one-slot ``model_registry`` pool.
 CLI (from dags/):
 
     python -m common.registry pending [MODEL]            # versions waiting for approval, with metrics
-    python -m common.registry approve MODEL VERSION --by NAME
+    python -m common.registry approve MODEL VERSION --by NAME [--reason TEXT]
+    python -m common.registry reject MODEL VERSION --by NAME [--reason TEXT]
+    python -m common.registry rollback MODEL [--to VERSION] --by NAME --reason TEXT
 
 A mistake of the person at the keyboard (no such version, a version not waiting for approval) is
 one line ``error: ...`` on stderr and exit code 2; anything unexpected keeps its traceback.
@@ -69,6 +80,24 @@ EVALUATION_CONTEXT = "evaluation"  # the input dataset's context on the evaluate
 TAG_HEALTH, TAG_HEALTH_DETAIL = "champion_health", "champion_health_detail"
 HEALTH_OK, HEALTH_DEGRADED = "ok", "degraded"
 HEALTH_DEGRADATION = "champion_health_degradation"  # relative, > 0: worse than when promoted
+TAG_DECIDED_BY, TAG_GATE_REASON = "decided_by", "gate_reason"
+TAG_PREVIOUS_CHAMPION, TAG_PROMOTED_AT = "previous_champion", "promoted_at"
+ROLLED_BACK = "rolled_back"
+BY_GATE, BY_TIMEOUT = "gate", "timeout"  # decided_by for an unattended decision, an unanswered approval
+APPROVE, REJECT = "Approve", "Reject"  # the approval step's options (its default: REJECT)
+
+
+def model_asset_name(model_name: str) -> str:
+    """The Airflow Asset whose events announce a new ``champion`` of ``model_name``: a user's
+    DAG with ``schedule=Asset(model_asset_name("power_lgbm"))`` runs after every promotion."""
+    return f"{model_name}_champion"
+
+
+def model_alias_name(model_name: str) -> str:
+    """The AssetAlias the promoting tasks declare as outlet: an event of the model's Asset is
+    added to it only when the champion really moved (the DAG files spell it out at parse time,
+    where this module is too heavy to import; tests/test_registry_approval.py checks they agree)."""
+    return f"{model_name}_champion_events"
 
 
 class RegistryUserError(ValueError):
@@ -223,9 +252,12 @@ def decide(model_name: str, version: str, gate: PromotionGate, metrics: Mapping[
             decision, reason = _judge(gate, metrics, champion_score, evaluated_against, before)
         after = before
         if decision == PROMOTED:
-            client.set_registered_model_alias(model_name, CHAMPION, version)
+            _promote(client, model_name, version, before)
             after = version
-        _record(client, model_name, version, decision, reason, evaluated_against)
+        _record(client, model_name, version, decision, reason, evaluated_against,
+                by=None if decision == PENDING else BY_GATE)
+        if decision == PENDING:
+            client.set_model_version_tag(model_name, version, TAG_GATE_REASON, reason)
         client.set_model_version_tag(model_name, version, TAG_GATE_METRIC, gate.metric)
         client.set_model_version_tag(model_name, version, TAG_GATE_THRESHOLD_METRIC, gate.threshold_metric)
     log.info("%s v%s: %s (%s)", model_name, version, decision, reason)
@@ -446,17 +478,43 @@ def _without_credentials(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
 
 
+def wants_auto_promote(workflow: WorkflowConfig, values: Mapping[str, Any] | None) -> bool:
+    """The run parameter ``auto_promote`` when set (true/false, also as the CLI's strings), else
+    the workflow's config; a value that is no boolean is a ParameterError."""
+    from scripts.core.params import parse
+
+    name = config.AUTO_PROMOTE.name
+    given = {name: (values or {})[name]} if (values or {}).get(name) is not None else {}
+    chosen = parse([config.AUTO_PROMOTE], given, workflow.dag_id).get(name)
+    return workflow.auto_promote if chosen is None else chosen
+
+
 def register_and_decide(workflow: WorkflowConfig, trained: Mapping[str, Any], evaluated: Evaluated,
-                        tags: Mapping[str, str], ineligible_reason: str | None = None) -> Decision:
+                        tags: Mapping[str, str], ineligible_reason: str | None = None,
+                        auto_promote: bool | None = None) -> Decision:
     """The register step every workflow shares: register the trained model as challenger (with
     its lineage tags and the git commit), then apply the workflow's gate against the champion
-    that evaluation scored on the same data."""
+    that evaluation scored on the same data. A passing challenger is promoted now only with
+    ``auto_promote`` (None: the workflow's config); else it waits for approval."""
     metrics = evaluated["metrics"]
     version = register_challenger(workflow.model_name, trained["model_uri"], trained["run_id"],
                                   tags={**tags, "git_commit": mlflow_utils.git_commit()})
-    return decide(workflow.model_name, version, workflow.gate, metrics,
+    unattended = workflow.auto_promote if auto_promote is None else auto_promote
+    gate = dataclasses.replace(workflow.gate, require_approval=workflow.gate.require_approval or not unattended)
+    return decide(workflow.model_name, version, gate, metrics,
                   champion_score=evaluated["champion_score"],
                   evaluated_against=evaluated["champion_version"], ineligible_reason=ineligible_reason)
+
+
+def register_result(workflow: WorkflowConfig, trained: Mapping[str, Any], evaluated: Evaluated,
+                    decision: Decision, data_version: str) -> dict[str, Any]:
+    """The register step's XCom: the decision, with the approval form's text when it waits for a
+    person (``approval_body``), or the model Asset event's extra when it moved the champion now
+    (``champion_event``)."""
+    return {**decision.to_dict(),
+            "champion_event": champion_event(workflow.model_name, decision) if decision.decision == PROMOTED else None,
+            "approval_body": (approval_body(workflow, trained, evaluated, decision, data_version)
+                              if decision.decision == PENDING else None)}
 
 
 def _judge(gate: PromotionGate, metrics: Mapping[str, float], champion_score: float | None,
@@ -488,32 +546,239 @@ def _judge(gate: PromotionGate, metrics: Mapping[str, float], champion_score: fl
 
 
 def _record(client: MlflowClient, name: str, version: str, decision: str, reason: str,
-            evaluated_against: str | None) -> None:
+            evaluated_against: str | None, by: str | None = None) -> None:
+    if by is not None:
+        client.set_model_version_tag(name, version, TAG_DECIDED_BY, by)
     client.set_model_version_tag(name, version, TAG_DECISION, decision)
     client.set_model_version_tag(name, version, TAG_REASON, reason)
     client.set_model_version_tag(name, version, TAG_EVALUATED_AGAINST, evaluated_against or NO_CHAMPION)
     client.set_model_version_tag(name, version, "decided_at", datetime.now(UTC).isoformat())
 
 
-def approve(model_name: str, version: str, approver: str) -> Decision:
-    """A person's approval: promote a ``pending_approval`` version if the champion is unchanged."""
+def _promote(client: MlflowClient, name: str, version: str, before: str | None) -> None:
+    """Point ``champion`` at ``version`` and remember the one it replaces (what rollback restores)."""
+    client.set_registered_model_alias(name, CHAMPION, version)
+    client.set_model_version_tag(name, version, TAG_PREVIOUS_CHAMPION, before or NO_CHAMPION)
+    client.set_model_version_tag(name, version, TAG_PROMOTED_AT, datetime.now(UTC).isoformat())
+
+
+def _pending_tags(client: MlflowClient, model_name: str, version: str, verb: str) -> dict[str, str]:
+    tags = dict(_version(client, model_name, version).tags)
+    if tags.get(TAG_DECISION) != PENDING:
+        raise NotPending(f"{model_name} v{version} is {tags.get(TAG_DECISION, 'undecided')!r}, "
+                         f"not {PENDING!r}: only a version waiting for approval can be {verb}")
+    return tags
+
+
+def _said(by: str, note: str) -> str:
+    return f"{by}" + (f": {note.strip()}" if note and note.strip() else "")
+
+
+def approve(model_name: str, version: str, approver: str, note: str = "") -> Decision:
+    """A person's approval: promote a ``pending_approval`` version if the champion is still the
+    one it was evaluated against (compare-and-set, under the lock); else it is rejected."""
     client = configure()
     with promotion_lock(model_name):
-        tags = _version(client, model_name, version).tags
-        if tags.get(TAG_DECISION) != PENDING:
-            raise NotPending(f"{model_name} v{version} is {tags.get(TAG_DECISION, 'undecided')!r}, "
-                             f"not {PENDING!r}: only a version waiting for approval can be approved")
+        tags = _pending_tags(client, model_name, version, "approved")
         champion = alias_version(client, model_name, CHAMPION)
         before = champion.version if champion else None
         against = tags.get(TAG_EVALUATED_AGAINST, NO_CHAMPION)
         if (before or NO_CHAMPION) != against:
-            reason = f"champion changed from {against} to {before} since evaluation"
-            _record(client, model_name, version, REJECTED, reason, against)
+            reason = (f"approved by {_said(approver, note)}, but the champion changed from {against} to "
+                      f"{before or NO_CHAMPION} since evaluation; keeping it")
+            _record(client, model_name, version, REJECTED, reason, against, by=approver)
             return Decision(model_name, version, REJECTED, reason, before, before)
-        client.set_registered_model_alias(model_name, CHAMPION, version)
-        reason = tags.get(TAG_REASON, "") + f"; approved by {approver}"
-        _record(client, model_name, version, PROMOTED, reason, against)
-        return Decision(model_name, version, PROMOTED, reason, before, version)
+        _promote(client, model_name, version, before)
+        reason = f"approved by {_said(approver, note)}; gate: {tags.get(TAG_GATE_REASON) or tags.get(TAG_REASON, '')}"
+        _record(client, model_name, version, PROMOTED, reason, against, by=approver)
+    log.info("%s v%s: promoted (%s)", model_name, version, reason)
+    return Decision(model_name, version, PROMOTED, reason, before, version)
+
+
+def reject(model_name: str, version: str, by: str, note: str = "") -> Decision:
+    """A person's rejection (``by`` = ``timeout``: nobody answered in time): ``champion`` unchanged."""
+    client = configure()
+    with promotion_lock(model_name):
+        tags = _pending_tags(client, model_name, version, "rejected")
+        champion = alias_version(client, model_name, CHAMPION)
+        before = champion.version if champion else None
+        reason = ("no answer within the approval timeout" if by == BY_TIMEOUT
+                  else f"rejected by {_said(by, note)}")
+        _record(client, model_name, version, REJECTED, reason, tags.get(TAG_EVALUATED_AGAINST), by=by)
+    log.info("%s v%s: rejected (%s)", model_name, version, reason)
+    return Decision(model_name, version, REJECTED, reason, before, before)
+
+
+def resolve_approval(model_name: str, version: str, answer: Mapping[str, Any] | None) -> Decision:
+    """Apply the approval step's result (the HITL operator's XCom: ``chosen_options``,
+    ``params_input``, ``responded_by_user``; None or no user: the timeout's default, Reject).
+    A version no longer waiting (approved or rejected meanwhile from the CLI) is left as it is."""
+    answer = answer or {}
+    chosen = list(answer.get("chosen_options") or [REJECT])
+    user = answer.get("responded_by_user") or {}
+    by = str(user.get("name") or user.get("id") or "") or BY_TIMEOUT
+    note = str((answer.get("params_input") or {}).get("reason") or "")
+    try:
+        if chosen == [APPROVE]:
+            return approve(model_name, version, by, note)
+        return reject(model_name, version, by, note)
+    except NotPending as exc:
+        log.warning("%s; nothing changed", exc)
+        client = configure()
+        tags = client.get_model_version(model_name, version).tags
+        champion = alias_version(client, model_name, CHAMPION)
+        now = champion.version if champion else None
+        return Decision(model_name, version, tags.get(TAG_DECISION, ""), tags.get(TAG_REASON, ""), now, now)
+
+
+def champion_event(model_name: str, decision: Mapping[str, Any] | Decision) -> dict[str, Any] | None:
+    """The model Asset event's extra when ``decision`` moved ``champion`` (else None): name,
+    version, the version it replaced, the gate metric and the new champion's value of it."""
+    d = decision.to_dict() if isinstance(decision, Decision) else dict(decision)
+    after, before = d.get("champion_after"), d.get("champion_before")
+    if not after or after == before:
+        return None
+    client = configure()
+    mv = client.get_model_version(model_name, str(after))
+    gate_metrics = _gate_metrics(model_name, mv.tags or {})
+    metric = gate_metrics[0] if gate_metrics else None
+    value = None
+    if metric and mv.run_id:
+        with contextlib.suppress(MlflowException):
+            value = client.get_run(mv.run_id).data.metrics.get(metric)
+    return {"model_name": model_name, "version": str(after), "previous_version": before or NO_CHAMPION,
+            "metric": metric, "value": value, "decision": d.get("decision"),
+            "model_uri": f"models:/{model_name}/{after}"}
+
+
+def announce_champion(context: Mapping[str, Any], model_name: str, event: Mapping[str, Any] | None) -> None:
+    """In a task whose outlets hold ``AssetAlias(model_alias_name(model_name))``: add the model
+    Asset's event (``event``: :func:`champion_event`'s extra; None: the champion did not move,
+    and no event is emitted)."""
+    if not event:
+        return
+    from airflow.sdk import Asset, AssetAlias
+
+    context["outlet_events"][AssetAlias(model_alias_name(model_name))].add(
+        Asset(model_asset_name(model_name)), extra=dict(event))
+    log.info("announced %s v%s as Asset %s", model_name, event.get("version"), model_asset_name(model_name))
+
+
+def approval_body(workflow: WorkflowConfig, trained: Mapping[str, Any], evaluated: Evaluated,
+                  decision: Decision, data_version: str) -> str:
+    """The approval form's text (markdown): the challenger's and the champion's gate scores on
+    the same evaluation data, the baselines, the data version, links to the MLflow run and plots."""
+    gate, metrics = workflow.gate, evaluated["metrics"]
+    champion = evaluated["champion_version"]
+    score = evaluated["champion_score"]
+    lines = [f"**{workflow.model_name} v{decision.version}** passed the automatic gate and waits for "
+             f"your decision to become `champion`.", "",
+             f"- gate: {decision.reason.removesuffix('; waiting for approval')}",
+             f"- data version: `{data_version}`", "",
+             f"| metric | challenger v{decision.version} | "
+             f"{'champion v' + champion if champion else 'no champion'} |", "|---|---|---|"]
+
+    def fmt(value: float | None) -> str:
+        return "-" if value is None else f"{value:.6g}"
+
+    shown = [gate.metric] + [m for m in (gate.threshold_metric,) if m != gate.metric]
+    for name in shown:
+        lines.append(f"| {name} | {fmt(metrics.get(name))} | {fmt(score) if name == gate.metric else '-'} |")
+    for name in sorted(metrics):  # the baselines, scored on the same data
+        if name not in shown and ("baseline" in name or name.startswith(("har_", "naive"))):
+            lines.append(f"| {name} (baseline) | {fmt(metrics[name])} | |")
+    run_id = trained["run_id"]
+    try:
+        url = mlflow_utils.run_url(run_id)
+        lines += ["", f"MLflow run: [{run_id}]({url})"]
+        plots = [a.path for a in configure().list_artifacts(run_id, "evaluation")
+                 if a.path.endswith((".png", ".svg", ".html"))]
+        base = mlflow_utils.tracking_uri().rstrip("/")
+        lines += [f"- [{p.rsplit('/', 1)[-1]}]({base}/get-artifact?path={p}&run_uuid={run_id})" for p in plots]
+        lines.append(f"- [all evaluation artifacts]({url}/artifacts)")
+    except MlflowException as exc:  # the form still shows the scores
+        lines += ["", f"MLflow run {run_id} (links unavailable: {exc.message[:200]})"]
+    lines += ["", "Approve: promoted through the same compare-and-set gate (only if the champion is "
+              "still the one compared with). Reject, or no answer in time: the champion stays."]
+    return "\n".join(lines)
+
+
+def _previous_champion(client: MlflowClient, model_name: str, current: ModelVersion) -> str | None:
+    recorded = (current.tags or {}).get(TAG_PREVIOUS_CHAMPION)
+    if recorded and recorded != NO_CHAMPION:
+        return recorded
+    earlier = [mv for mv in client.search_model_versions(f"name = '{model_name}'")
+               if int(mv.version) < int(current.version) and (mv.tags or {}).get(TAG_PROMOTED_AT)]
+    return str(max(int(mv.version) for mv in earlier)) if earlier else None
+
+
+def rollback(model_name: str, by: str, reason: str, to: str | None = None) -> Decision:
+    """Move ``champion`` back to the champion before the current one (or to version ``to``),
+    under the promotion lock; who and why are written on both versions."""
+    if not by.strip() or not reason.strip():
+        raise RegistryUserError("a rollback needs who (--by) and why (--reason)")
+    client = configure()
+    with promotion_lock(model_name):
+        champion = alias_version(client, model_name, CHAMPION)
+        if champion is None:
+            raise RegistryUserError(f"{model_name} has no champion to roll back")
+        target = str(to) if to else _previous_champion(client, model_name, champion)
+        if target is None:
+            raise RegistryUserError(f"{model_name} v{champion.version} replaced no earlier champion; "
+                                    "name the version with --to")
+        restored = _version(client, model_name, target)
+        if restored.version == champion.version:
+            raise RegistryUserError(f"{model_name} v{target} is already the champion")
+        now = datetime.now(UTC).isoformat()
+        note = f"rolled back to v{target} by {by}: {reason.strip()}"
+        client.set_registered_model_alias(model_name, CHAMPION, target)
+        for key, value in {TAG_DECISION: ROLLED_BACK, TAG_REASON: note, TAG_DECIDED_BY: by,
+                           "rolled_back_at": now}.items():
+            client.set_model_version_tag(model_name, champion.version, key, value)
+        for key, value in {"restored_by": by, "restored_reason": reason.strip(), "restored_at": now,
+                           "restored_from": champion.version}.items():
+            client.set_model_version_tag(model_name, target, key, value)
+    log.info("%s: champion v%s -> v%s (%s)", model_name, champion.version, target, note)
+    return Decision(model_name, target, ROLLED_BACK, note, champion.version, target)
+
+
+def emit_asset_event(model_name: str, extra: Mapping[str, Any],
+                     env: Mapping[str, str] | None = None) -> str:
+    """Post the model Asset event through Airflow's REST API (``POST /api/v2/assets/events``) for
+    code outside a task (rollback). Needs ``AIRFLOW_API_URL`` (or ``AIRFLOW__API__BASE_URL``),
+    ``AIRFLOW_API_USERNAME`` and ``AIRFLOW_API_PASSWORD`` (``eval "$(tools/stack.sh env)"`` sets
+    them). Returns what happened, in one line; never raises."""
+    import os
+    import urllib.parse
+    import urllib.request
+
+    env = os.environ if env is None else env
+    base = (env.get("AIRFLOW_API_URL") or env.get("AIRFLOW__API__BASE_URL") or "").rstrip("/")
+    user, password = env.get("AIRFLOW_API_USERNAME"), env.get("AIRFLOW_API_PASSWORD")
+    name = model_asset_name(model_name)
+    if not (base and user and password):
+        return (f"asset event NOT emitted: no Airflow API credentials (AIRFLOW_API_URL, AIRFLOW_API_USERNAME, "
+                f"AIRFLOW_API_PASSWORD); DAGs scheduled on {name!r} will not run for this change")
+
+    def call(method: str, path: str, body: Any = None, token: str | None = None) -> Any:
+        request = urllib.request.Request(
+            base + path, method=method, data=None if body is None else json.dumps(body).encode(),
+            headers={"Content-Type": "application/json",
+                     **({"Authorization": f"Bearer {token}"} if token else {})})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            payload = response.read()
+            return json.loads(payload) if payload else None
+
+    try:
+        token = call("POST", "/auth/token", {"username": user, "password": password})["access_token"]
+        query = urllib.parse.urlencode({"name_pattern": name, "only_active": "false", "limit": 100})
+        assets = [a for a in call("GET", f"/api/v2/assets?{query}", token=token)["assets"] if a["name"] == name]
+        if not assets:
+            return f"asset event NOT emitted: Airflow knows no asset {name!r} (no DAG produces or consumes it yet)"
+        call("POST", "/api/v2/assets/events", {"asset_id": assets[0]["id"], "extra": dict(extra)}, token=token)
+    except Exception as exc:  # noqa: BLE001 - the rollback itself is done; say what did not happen
+        return f"asset event NOT emitted: {type(exc).__name__}: {str(exc)[:300]}"
+    return f"asset event emitted: {name} v{extra.get('version')}"
 
 
 def _version(client: MlflowClient, model_name: str, version: str) -> ModelVersion:
@@ -581,25 +846,49 @@ def _print_pending(rows: list[PendingVersion]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Challengers that wait for a person's approval")
+    parser = argparse.ArgumentParser(description="Challengers that wait for a person's approval; rollback")
     sub = parser.add_subparsers(dest="command", required=True)
     pending_cmd = sub.add_parser("pending", help="list versions waiting for approval, with their metrics")
     pending_cmd.add_argument("model", nargs="?", help="only this registered model")
-    approve_cmd = sub.add_parser("approve", help="promote a version waiting for approval")
-    approve_cmd.add_argument("model")
-    approve_cmd.add_argument("version")
-    approve_cmd.add_argument("--by", default="cli", help="who approves (recorded in the reason)")
+    for verb, text in (("approve", "promote a version waiting for approval (if the champion is unchanged)"),
+                       ("reject", "reject a version waiting for approval (champion unchanged)")):
+        cmd = sub.add_parser(verb, help=text)
+        cmd.add_argument("model")
+        cmd.add_argument("version")
+        cmd.add_argument("--by", default="cli", help="who decides (tag decided_by)")
+        cmd.add_argument("--reason", default="", help="why (in the tag decision_reason)")
+    back = sub.add_parser("rollback", help="move champion back to the previous champion (or --to VERSION)")
+    back.add_argument("model")
+    back.add_argument("--to", help="this version instead of the champion before the current one")
+    back.add_argument("--by", required=True, help="who rolls back (recorded on both versions)")
+    back.add_argument("--reason", required=True, help="why (recorded on both versions)")
     args = parser.parse_args(argv)
     try:
         if args.command == "pending":
             _print_pending(pending(args.model))
             return 0
-        decision = approve(args.model, args.version, args.by)
+        if args.command == "rollback":
+            decision = rollback(args.model, args.by, args.reason, to=args.to)
+            print(decision.to_dict())
+            extra = champion_event(args.model, decision) or {}
+            print(emit_asset_event(args.model, {**extra, "decided_by": args.by, "reason": args.reason}))
+            from common import alerts
+
+            told = alerts.notify_message(f"{args.model}: champion rolled back to v{decision.version}",
+                                         decision.reason, **extra)
+            print(f"notified: {', '.join(told) or 'no channel configured'}")
+            return 0
+        if args.command == "reject":
+            decision = reject(args.model, args.version, args.by, args.reason)
+        else:
+            decision = approve(args.model, args.version, args.by, args.reason)
     except RegistryUserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(decision.to_dict())
-    return 0 if decision.decision == PROMOTED else 1
+    if args.command == "approve" and decision.decision == PROMOTED:
+        print(emit_asset_event(args.model, champion_event(args.model, decision) or {}))
+    return 0 if decision.decision == (PROMOTED if args.command == "approve" else REJECTED) else 1
 
 
 if __name__ == "__main__":

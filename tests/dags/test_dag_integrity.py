@@ -52,7 +52,7 @@ def test_dag_matches_its_config(dagbag, dag_file):
         # Training goes where config says (the GPU for the CNNs); the rest to the support queue.
         training = task.task_id == "train"
         assert task.queue == (cfg.queue if training else cfg.support_queue or cfg.queue), task.task_id
-        expected_pool = (config.REGISTRY_POOL.name if task.task_id == "register"
+        expected_pool = (config.REGISTRY_POOL.name if task.task_id in ("register", "promote")
                          else cfg.pool if training else cfg.support_pool or cfg.pool)
         assert task.pool == expected_pool, task.task_id
 

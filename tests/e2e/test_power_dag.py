@@ -15,7 +15,8 @@ pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
 CFG = config.get("power_lgbm_training")
-SMALL = {"eval_weeks": 2, "validation_weeks": 2, "num_boost_round": 300}
+SMALL = {"eval_weeks": 2, "validation_weeks": 2, "num_boost_round": 300,
+         "auto_promote": True}  # promoted unattended: dag.test() has nobody to approve
 
 
 # Per test: Airflow 3.3 writes a run's conf into the DAG's own Param objects (ParamsDict.update ->
@@ -120,7 +121,7 @@ def test_real_uci_data(dag, mlflow_server, monkeypatch):
     if not (SHARED_DATA / "household_power" / "household_power_consumption.zip").is_file():
         pytest.skip(f"real data not present under {SHARED_DATA}")
     monkeypatch.setenv("DATA_MIRROR", str(SHARED_DATA))
-    dag_run = dag.test()
+    dag_run = dag.test(run_conf={"auto_promote": True})
     assert dag_run.state == "success"
     run = mlflow_run_of(dag_run)
     assert run.data.metrics["skill_mae"] > 0.2  # LightGBM clearly beats seasonal-naive on real data

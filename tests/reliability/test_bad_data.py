@@ -40,7 +40,8 @@ from tests.uci_synth import uci_lines, write_uci_file
 
 ROOT = Path(__file__).resolve().parents[2]
 POWER = config.get("power_lgbm_training")
-SMALL = {"eval_weeks": 2, "validation_weeks": 2, "num_boost_round": 300}
+SMALL = {"eval_weeks": 2, "validation_weeks": 2, "num_boost_round": 300,
+         "auto_promote": True}  # promoted unattended: dag.test() has nobody to approve
 GAP = UCI_HEADER.split(";").index("Global_active_power")
 
 

@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps == "all":
         evaluated = pipeline.evaluate(cfg, snapshot, trained)
         progress.step("evaluate", **evaluated["metrics"])
-        progress.step("register", **pipeline.register(cfg, snapshot, trained, evaluated, who))
+        progress.step("register", **pipeline.register(cfg, snapshot, trained, evaluated, who, params))
     return 0
 
 

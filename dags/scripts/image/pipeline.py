@@ -230,10 +230,13 @@ def evaluation_data(snapshot: Snapshot, images: int) -> registry.EvaluationData:
 
 
 def register(cfg: WorkflowConfig, snapshot: Snapshot, trained: Trained, evaluated: registry.Evaluated,
-             who: AirflowIdentity) -> dict[str, object]:
-    """Register the challenger; promote only through the gate. A smoke run trains on a small
-    subset: it proves the pipeline, never the model, so it is never eligible."""
+             who: AirflowIdentity, values: Mapping[str, Any] | None = None) -> dict[str, object]:
+    """Register the challenger; promote only through the gate, now (``auto_promote``: the run's
+    ``values`` or the config) or after approval. A smoke run trains on a small subset: it proves
+    the pipeline, never the model, so it is never eligible."""
     tags = {"data_version": snapshot["data_version"], "dag_id": who.dag_id, "airflow_run_id": who.run_id,
             "profile": trained["profile"], "framework": trained["framework"]}
     ineligible = "smoke profile" if trained["profile"] == "smoke" else None
-    return registry.register_and_decide(cfg, trained, evaluated, tags, ineligible).to_dict()
+    decision = registry.register_and_decide(cfg, trained, evaluated, tags, ineligible,
+                                            auto_promote=registry.wants_auto_promote(cfg, values))
+    return registry.register_result(cfg, trained, evaluated, decision, snapshot["data_version"])

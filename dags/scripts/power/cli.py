@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     trained = pipeline.train(cfg, snapshot, params, who)  # VTM_RUN_META once its MLflow run is open
     evaluated = pipeline.evaluate(cfg, snapshot, trained)
     progress.step("evaluate", **{k: round(v, 4) for k, v in evaluated["metrics"].items()})
-    decision = pipeline.register(cfg, snapshot, trained, evaluated, who)
+    decision = pipeline.register(cfg, snapshot, trained, evaluated, who, params)  # --param auto_promote=true
     progress.step("register", **decision)
     return 0
 

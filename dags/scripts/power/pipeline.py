@@ -145,7 +145,11 @@ def evaluation_data(snapshot: Snapshot, evaluation: model.Evaluation) -> registr
 
 
 def register(cfg: WorkflowConfig, snapshot: Snapshot, trained: Trained, evaluated: registry.Evaluated,
-             who: AirflowIdentity) -> dict[str, object]:
-    """Register the challenger and apply the promotion gate; returns the decision."""
+             who: AirflowIdentity, values: Mapping[str, Any] | None = None) -> dict[str, object]:
+    """Register the challenger and apply the promotion gate; returns the decision. A passing
+    challenger becomes champion now with ``auto_promote`` (the run's ``values``, else the
+    config), else it waits for approval (with the approval form's text in the result)."""
     tags = {"data_version": snapshot["data_version"], "dag_id": who.dag_id, "airflow_run_id": who.run_id}
-    return registry.register_and_decide(cfg, trained, evaluated, tags).to_dict()
+    decision = registry.register_and_decide(cfg, trained, evaluated, tags,
+                                            auto_promote=registry.wants_auto_promote(cfg, values))
+    return registry.register_result(cfg, trained, evaluated, decision, snapshot["data_version"])

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     built = pipeline.build_features(validated)
     trained = pipeline.train(cfg, built, params, who)
     evaluated = pipeline.evaluate(cfg, built, trained)
-    decision = pipeline.register(cfg, validated, trained, evaluated, who)
+    decision = pipeline.register(cfg, validated, trained, evaluated, who, params)
     print(json.dumps({"validated": validated, "built": built, "metrics": evaluated["metrics"],
                       "decision": decision}, indent=2, default=str))
     return 0

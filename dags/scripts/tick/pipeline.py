@@ -344,12 +344,15 @@ def evaluation_data(built: Built) -> registry.EvaluationData:
 
 
 def register(cfg: WorkflowConfig, validated: Validated, trained: Trained, evaluated: registry.Evaluated,
-             who: AirflowIdentity) -> dict[str, Any]:
-    """Register the challenger with its lineage; the gate decides whether it becomes champion."""
+             who: AirflowIdentity, values: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Register the challenger with its lineage; the gate decides whether it becomes champion
+    now (``auto_promote``: the run's ``values`` or the config) or waits for approval."""
     tags = {"data_version": str(trained["data_version"]), "trades_version": str(validated["data_version"]),
             "trade_date": str(validated["day"]), "synthetic": str(trained["synthetic"]).lower(),
             "dag_id": who.dag_id, "airflow_run_id": who.run_id}
     # A model fitted on simulated trades is registered (and tagged) but never becomes champion:
     # the alias that serving reads must only ever point at a model of real market data.
     ineligible = "trained on synthetic (simulated) trades" if trained["synthetic"] else None
-    return registry.register_and_decide(cfg, trained, evaluated, tags, ineligible).to_dict()
+    decision = registry.register_and_decide(cfg, trained, evaluated, tags, ineligible,
+                                            auto_promote=registry.wants_auto_promote(cfg, values))
+    return registry.register_result(cfg, trained, evaluated, decision, str(trained["data_version"]))

@@ -1,0 +1,183 @@
+"""Approval, rejection, timeout and rollback in the registry, against a real MLflow server; the
+DAG files' approval steps (the tasks after ``register``) checked as parsed."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from pathlib import Path
+
+import pytest
+
+from common import config, mlflow_utils, registry
+from common.config import PromotionGate
+from tests.test_registry import champion, logged_model, registry_cli, workflow_for
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parents[1]
+GATE = PromotionGate(metric="mae", greater_is_better=False, threshold_metric="skill_mae",
+                     threshold=0.1, min_improvement=0.02)
+GOOD = {"mae": 0.5, "skill_mae": 0.2}
+
+
+@pytest.fixture
+def model_name(mlflow_server) -> str:
+    return f"approval_model_{uuid.uuid4().hex[:8]}"
+
+
+def tags(name: str, version: str) -> dict[str, str]:
+    return mlflow_utils.configure().get_model_version(name, version).tags
+
+
+def challenger(name: str, metrics: dict, champion_version: str | None, champion_score: float | None,
+               auto_promote: bool | None) -> tuple[dict, registry.Decision]:
+    run_id, uri = logged_model("approval-tests")
+    evaluated = registry.log_evaluation(workflow_for(name, GATE), run_id, metrics,
+                                        registry.ChampionScore(champion_version, champion_score))
+    trained = {"run_id": run_id, "model_uri": uri}
+    decision = registry.register_and_decide(workflow_for(name, GATE), trained, evaluated, {"data_version": "d1"},
+                                            auto_promote=auto_promote)
+    return registry.register_result(workflow_for(name, GATE), trained, evaluated, decision, "d1"), decision
+
+
+def test_auto_promote_follows_the_run_parameter_else_the_config():
+    power = config.get("power_lgbm_training")
+    assert power.auto_promote is False  # approval required by default
+    assert registry.wants_auto_promote(power, {}) is False
+    assert registry.wants_auto_promote(power, {"auto_promote": None}) is False
+    assert registry.wants_auto_promote(power, {"auto_promote": True}) is True
+    assert registry.wants_auto_promote(power, {"auto_promote": "false", "num_boost_round": "3"}) is False  # CLI
+    assert registry.wants_auto_promote(power, {"auto_promote": "true"}) is True
+    with pytest.raises(ValueError, match="auto_promote"):
+        registry.wants_auto_promote(power, {"auto_promote": "yes please"})
+    from dataclasses import replace
+
+    assert registry.wants_auto_promote(replace(power, auto_promote=True), {"auto_promote": False}) is False
+
+
+def test_passing_challenger_waits_and_its_form_shows_both_scores(model_name):
+    result, decision = challenger(model_name, GOOD, None, None, auto_promote=None)
+    assert decision.decision == registry.PENDING and champion(model_name) is None
+    assert result["champion_event"] is None
+    body = result["approval_body"]
+    assert f"v{decision.version}" in body and "| mae | 0.5 |" in body and "data version: `d1`" in body
+    assert "/#/experiments/" in body and "all evaluation artifacts" in body
+    # A later challenger, compared with a champion: both scores on the form.
+    registry.approve(model_name, decision.version, "alice")
+    second, d2 = challenger(model_name, {"mae": 0.3, "skill_mae": 0.4, "baseline_mae": 0.9},
+                            decision.version, 0.5, auto_promote=False)
+    assert d2.decision == registry.PENDING
+    assert f"champion v{decision.version}" in second["approval_body"]
+    assert "| mae | 0.3 | 0.5 |" in second["approval_body"]
+    assert "| baseline_mae (baseline) | 0.9 |" in second["approval_body"]
+
+
+def test_failing_challenger_never_reaches_approval(model_name):
+    result, decision = challenger(model_name, {"mae": 0.5, "skill_mae": 0.01}, None, None, auto_promote=False)
+    assert decision.decision == registry.REJECTED and result["approval_body"] is None
+    assert tags(model_name, decision.version)["decided_by"] == "gate"
+
+
+def test_unattended_promotion_announces_the_new_champion(model_name):
+    result, decision = challenger(model_name, GOOD, None, None, auto_promote=True)
+    assert decision.decision == registry.PROMOTED and champion(model_name) == decision.version
+    event = result["champion_event"]
+    assert event["model_name"] == model_name and event["version"] == decision.version
+    assert event["metric"] == "mae" and event["value"] == 0.5 and event["previous_version"] == "none"
+    assert tags(model_name, decision.version)["decided_by"] == "gate"
+
+
+def test_approval_answers_approve_reject_and_timeout(model_name):
+    _, first = challenger(model_name, GOOD, None, None, auto_promote=False)
+    answer = {"chosen_options": ["Approve"], "params_input": {"reason": "looks right"},
+              "responded_by_user": {"id": "7", "name": "alice"}}
+    approved = registry.resolve_approval(model_name, first.version, answer)
+    assert approved.decision == registry.PROMOTED and champion(model_name) == first.version
+    t = tags(model_name, first.version)
+    assert t["decision"] == "promoted" and t["decided_by"] == "alice" and t["previous_champion"] == "none"
+    assert t["decision_reason"].startswith("approved by alice: looks right; gate: ")
+    assert registry.champion_event(model_name, approved)["version"] == first.version
+    # Answered twice (a retry of promote): nothing changes, no second event.
+    again = registry.resolve_approval(model_name, first.version, answer)
+    assert again.decision == registry.PROMOTED and registry.champion_event(model_name, again) is None
+
+    _, second = challenger(model_name, {"mae": 0.3, "skill_mae": 0.4}, first.version, 0.5, auto_promote=False)
+    rejected = registry.resolve_approval(model_name, second.version, {
+        "chosen_options": ["Reject"], "params_input": {"reason": "drift week"},
+        "responded_by_user": {"id": "8", "name": "bob"}})
+    assert rejected.decision == registry.REJECTED and champion(model_name) == first.version
+    t = tags(model_name, second.version)
+    assert (t["decision"], t["decided_by"], t["decision_reason"]) == ("rejected", "bob", "rejected by bob: drift week")
+    assert registry.champion_event(model_name, rejected) is None
+
+    _, third = challenger(model_name, {"mae": 0.3, "skill_mae": 0.4}, first.version, 0.5, auto_promote=False)
+    timed_out = registry.resolve_approval(model_name, third.version, {
+        "chosen_options": ["Reject"], "params_input": {"reason": ""}, "responded_by_user": None})
+    assert timed_out.decision == registry.REJECTED and champion(model_name) == first.version
+    t = tags(model_name, third.version)
+    assert t["decided_by"] == "timeout" and "no answer within the approval timeout" in t["decision_reason"]
+
+
+def test_approval_after_the_champion_moved_is_refused(model_name):
+    _, first = challenger(model_name, GOOD, None, None, auto_promote=False)
+    _, second = challenger(model_name, GOOD, None, None, auto_promote=False)  # both against "none"
+    registry.approve(model_name, first.version, "alice")
+    late = registry.approve(model_name, second.version, "bob", "fine")
+    assert late.decision == registry.REJECTED and champion(model_name) == first.version
+    assert "champion changed" in tags(model_name, second.version)["decision_reason"]
+
+
+def test_rollback_restores_the_previous_champion_and_records_who_and_why(model_name, monkeypatch):
+    _, first = challenger(model_name, GOOD, None, None, auto_promote=True)
+    _, second = challenger(model_name, {"mae": 0.3, "skill_mae": 0.4}, first.version, 0.5, auto_promote=True)
+    assert champion(model_name) == second.version
+    back = registry.rollback(model_name, "carol", "complaints from serving")
+    assert (back.champion_before, back.champion_after) == (second.version, first.version)
+    assert champion(model_name) == first.version
+    old, restored = tags(model_name, second.version), tags(model_name, first.version)
+    assert old["decision"] == "rolled_back" and old["decided_by"] == "carol"
+    assert "complaints from serving" in old["decision_reason"]
+    assert restored["restored_by"] == "carol" and restored["restored_from"] == second.version
+    event = registry.champion_event(model_name, back)
+    assert event["version"] == first.version and event["previous_version"] == second.version
+    with pytest.raises(registry.RegistryUserError, match="replaced no earlier champion"):
+        registry.rollback(model_name, "carol", "again")  # v1 replaced nobody
+    assert registry.rollback(model_name, "carol", "forward again", to=second.version).champion_after == second.version
+    # Without Airflow API credentials the event cannot be posted: said, not raised.
+    said = registry.emit_asset_event(model_name, event, env={})
+    assert said.startswith("asset event NOT emitted") and registry.model_asset_name(model_name) in said
+
+
+def test_cli_reject_and_rollback(model_name, mlflow_server):
+    _, first = challenger(model_name, GOOD, None, None, auto_promote=True)
+    _, second = challenger(model_name, {"mae": 0.3, "skill_mae": 0.4}, first.version, 0.5, auto_promote=False)
+    done = registry_cli("reject", model_name, second.version, "--by", "dan", "--reason", "not now", uri=mlflow_server)
+    assert done.returncode == 0, done.stderr
+    assert tags(model_name, second.version)["decided_by"] == "dan"
+    missing = registry_cli("rollback", model_name, "--by", "dan", "--reason", "x", uri=mlflow_server)
+    assert missing.returncode == 2 and "replaced no earlier champion" in missing.stderr
+    third = challenger(model_name, {"mae": 0.2, "skill_mae": 0.5}, first.version, 0.5, auto_promote=True)[1]
+    assert champion(model_name) == third.version
+    back = registry_cli("rollback", model_name, "--by", "dan", "--reason", "bad week", uri=mlflow_server)
+    assert back.returncode == 0, back.stderr
+    assert champion(model_name) == first.version
+    assert "asset event NOT emitted" in back.stdout  # no AIRFLOW_API_* in this environment
+
+
+@pytest.mark.parametrize("dag_file", sorted((ROOT / "dags").glob("*_training.py")), ids=lambda p: p.stem)
+def test_every_dag_asks_for_approval_after_register(dag_file):
+    from airflow.dag_processing.dagbag import DagBag
+
+    dag = DagBag(str(dag_file)).dags[dag_file.stem]
+    cfg = config.get(dag.dag_id)
+    approve, promote = dag.get_task("approve"), dag.get_task("promote")
+    assert dag.get_task("awaits_approval").upstream_task_ids == {"register"}
+    assert approve.upstream_task_ids == {"awaits_approval"}
+    assert promote.upstream_task_ids == {"register", "approve"}
+    assert approve.options == ["Approve", "Reject"] and approve.defaults == ["Reject"]
+    assert approve.response_timeout == cfg.approval_timeout and "reason" in approve.params
+    assert "approval_body" in approve.body and "register" in approve.subject
+    alias = registry.model_alias_name(cfg.model_name)
+    for task_id in ("register", "promote"):
+        assert [o.name for o in dag.get_task(task_id).outlets] == [alias], task_id
+    assert re.fullmatch(r"[\w.-]+", registry.model_asset_name(cfg.model_name))
