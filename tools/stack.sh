@@ -416,6 +416,10 @@ print_env() {
     grep -v -E '^AIRFLOW__API_AUTH__JWT_SECRET=' | sed 's/^/export /; s/=\(.*\)$/="\1"/'
   echo "export MLFLOW_TRACKING_USERNAME=\"$MLFLOW_ADMIN\""
   echo "export MLFLOW_TRACKING_PASSWORD=\"\$(cat '$SECRETS/mlflow_admin_password')\""
+  # Airflow's REST API for code outside a task (python -m common.registry rollback: the model's
+  # Asset event); the URL is AIRFLOW__API__BASE_URL above.
+  echo "export AIRFLOW_API_USERNAME=admin"
+  echo "export AIRFLOW_API_PASSWORD=\"\$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))[\"admin\"])' '$AIRFLOW_PASSWORDS' 2>/dev/null)\""
 }
 
 case ${1:-} in
