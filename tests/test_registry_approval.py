@@ -96,6 +96,7 @@ def test_approval_answers_approve_reject_and_timeout(model_name):
     t = tags(model_name, first.version)
     assert t["decision"] == "promoted" and t["decided_by"] == "alice" and t["previous_champion"] == "none"
     assert t["decision_reason"].startswith("approved by alice: looks right; gate: ")
+    assert not t["decision_reason"].endswith("waiting for approval")
     assert registry.champion_event(model_name, approved)["version"] == first.version
     # Answered twice (a retry of promote): nothing changes, no second event.
     again = registry.resolve_approval(model_name, first.version, answer)

@@ -85,6 +85,7 @@ TAG_PREVIOUS_CHAMPION, TAG_PROMOTED_AT = "previous_champion", "promoted_at"
 ROLLED_BACK = "rolled_back"
 BY_GATE, BY_TIMEOUT = "gate", "timeout"  # decided_by for an unattended decision, an unanswered approval
 APPROVE, REJECT = "Approve", "Reject"  # the approval step's options (its default: REJECT)
+WAITING = "; waiting for approval"  # how a pending decision's reason ends
 
 
 def model_asset_name(model_name: str) -> str:
@@ -541,7 +542,7 @@ def _judge(gate: PromotionGate, metrics: Mapping[str, float], champion_score: fl
     else:
         reason += "; no champion yet"
     if gate.require_approval:
-        return PENDING, reason + "; waiting for approval"
+        return PENDING, reason + WAITING
     return PROMOTED, reason
 
 
@@ -589,7 +590,8 @@ def approve(model_name: str, version: str, approver: str, note: str = "") -> Dec
             _record(client, model_name, version, REJECTED, reason, against, by=approver)
             return Decision(model_name, version, REJECTED, reason, before, before)
         _promote(client, model_name, version, before)
-        reason = f"approved by {_said(approver, note)}; gate: {tags.get(TAG_GATE_REASON) or tags.get(TAG_REASON, '')}"
+        gate = (tags.get(TAG_GATE_REASON) or tags.get(TAG_REASON, "")).removesuffix(WAITING)
+        reason = f"approved by {_said(approver, note)}; gate: {gate}"
         _record(client, model_name, version, PROMOTED, reason, against, by=approver)
     log.info("%s v%s: promoted (%s)", model_name, version, reason)
     return Decision(model_name, version, PROMOTED, reason, before, version)
@@ -673,7 +675,7 @@ def approval_body(workflow: WorkflowConfig, trained: Mapping[str, Any], evaluate
     score = evaluated["champion_score"]
     lines = [f"**{workflow.model_name} v{decision.version}** passed the automatic gate and waits for "
              f"your decision to become `champion`.", "",
-             f"- gate: {decision.reason.removesuffix('; waiting for approval')}",
+             f"- gate: {decision.reason.removesuffix(WAITING)}",
              f"- data version: `{data_version}`", "",
              f"| metric | challenger v{decision.version} | "
              f"{'champion v' + champion if champion else 'no champion'} |", "|---|---|---|"]
