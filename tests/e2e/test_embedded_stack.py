@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import subprocess
 import urllib.error
 import urllib.request
@@ -51,9 +52,12 @@ def test_demo_runs_every_workflow_and_leaves_both_uis_up(tmp_path):
         assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
         row = next(line for line in demo.stdout.splitlines() if line.startswith("power_lgbm_training"))
         assert " success " in row and "mae=" in row and "baseline_mae=" in row
-        # Unpausing adds the latest scheduled run, so ours is v1 or v2; either way a champion exists
-        # and it is v1 (the second run on the same data cannot beat it).
-        assert "power_lgbm v" in row and "challenger" in row and " v1 " in row
+        # Unpausing adds the latest scheduled run, so ours is v1 or v2. Ours promotes unattended (the
+        # demo's conf, and its note says so); the scheduled one has no auto_promote: the second run
+        # on the same data cannot beat the champion, or, if it ran first, its approval waiting in
+        # the UI is rejected by the demo. Either way ours is the champion.
+        assert re.search(r"power_lgbm v(\d+) .*champion.* v\1 ", row), row
+        assert "auto_promote=true (demo conf)" in row
         assert f"http://127.0.0.1:{mlflow_port}/#/experiments/" in row
         # No ticks in this mirror: the demo fills the lake with simulated days, flagged synthetic,
         # and runs the last one (trained on the days before it).
