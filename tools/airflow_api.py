@@ -25,7 +25,8 @@ class AirflowClient:
         self.username, self.password = username, password
         self._token: str | None = None
 
-    def _login(self) -> str:
+    def login(self) -> str:
+        """A fresh JWT for this user (what the UI's login page puts in its ``_token`` cookie)."""
         body = json.dumps({"username": self.username, "password": self.password}).encode()
         request = urllib.request.Request(f"{self.base_url}/auth/token", data=body, method="POST",
                                          headers={"Content-Type": "application/json"})
@@ -47,7 +48,7 @@ class AirflowClient:
         attempt = 0
         while True:
             attempt += 1
-            self._token = self._token or self._login()
+            self._token = self._token or self.login()
             request = urllib.request.Request(
                 f"{self.base_url}/api/v2{path}", method=method,
                 data=None if body is None else json.dumps(body).encode(),

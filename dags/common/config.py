@@ -185,7 +185,12 @@ class WorkflowConfig:
     auto_promote: bool = False
     approval_timeout: timedelta = timedelta(hours=24)
     # When the run's decision must be made: ``deadline`` after the run's logical date (its
-    # scheduled time) or, for ``deadline_reference="queued_at"``, after it was queued.
+    # scheduled time) or, for ``deadline_reference="queued_at"``, after it was queued. Every
+    # workflow counts from queued_at: a scheduled run is queued at its scheduled time, and a run
+    # created late (the catch-up run that unpausing creates, a backfill of old days, an
+    # asset-triggered run, which has no logical date) would otherwise miss its deadline at birth;
+    # Airflow 3.3.2's scheduler was seen to crash on such a run (StaleDataError on the deadline
+    # table, SQLite) while its tasks ran.
     deadline: timedelta | None = None
     deadline_reference: str = "logical_date"
     # Champion health: notify when the champion's score on the newest window is worse than the
@@ -343,7 +348,8 @@ WORKFLOWS: dict[str, WorkflowConfig] = {
                 require_approval=False,
             ),
             run_params=(*POWER_PARAMS, AUTO_PROMOTE),
-            deadline=timedelta(hours=2),  # the day's forecast is decided by 07:30, 2 h after dawn
+            deadline=timedelta(hours=2),  # queued at 05:30: the day's forecast is decided by 07:30
+            deadline_reference="queued_at",
         ),
         WorkflowConfig(
             dag_id="tick_model_training",
@@ -369,7 +375,8 @@ WORKFLOWS: dict[str, WorkflowConfig] = {
                 require_approval=False,
             ),
             run_params=(*TICK_PARAMS, AUTO_PROMOTE),
-            deadline=timedelta(hours=16),  # 17:30 + 16 h: before the next 09:30 open
+            deadline=timedelta(hours=16),  # queued at 17:30 + 16 h: before the next 09:30 open
+            deadline_reference="queued_at",
             trigger_asset="tick_lake_trades",  # the importer's event for a completed trade day
             poke_interval=timedelta(minutes=5),
             data_wait=timedelta(hours=6),

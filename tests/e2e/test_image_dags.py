@@ -14,6 +14,7 @@ import mlflow
 import pytest
 
 from common import config, mlflow_utils, registry
+from tests.helpers import dags_for_dag_test
 from tests.image_synth import write_cifar_mirror, write_mnist_mirror
 
 pytestmark = pytest.mark.e2e
@@ -31,9 +32,7 @@ def mirror(tmp_path_factory) -> Path:
 # Per test: a dag.test() conf sticks to the DAG object's Params in Airflow 3.3 (test_power_dag.py).
 @pytest.fixture
 def dagbag(airflow_db):
-    from airflow.dag_processing.dagbag import DagBag
-
-    return DagBag(str(ROOT / "dags"))
+    return dags_for_dag_test()
 
 
 def runs_of(experiment: str, airflow_run_id: str):

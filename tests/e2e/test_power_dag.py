@@ -9,7 +9,7 @@ import mlflow
 import pytest
 
 from common import config, mlflow_utils, registry
-from tests.helpers import SHARED_DATA
+from tests.helpers import SHARED_DATA, dags_for_dag_test
 
 pytestmark = pytest.mark.e2e
 
@@ -24,15 +24,7 @@ SMALL = {"eval_weeks": 2, "validation_weeks": 2, "num_boost_round": 300,
 # the first run's conf as its defaults.
 @pytest.fixture
 def dag(airflow_db):
-    from airflow.dag_processing.dagbag import DagBag
-
-    dag = DagBag(str(ROOT / "dags")).dags[CFG.dag_id]
-    # Airflow 3.3.2's dag.test() cannot finish a successful run of a DAG with a DeadlineAlert: it
-    # deserializes the DAG without the deadline ids a DAG processor writes, and DagRun.update_state
-    # then looks an alert up by its definition (StatementError "'dict' object has no attribute
-    # 'hex'"). The deadline is tested on the embedded stack (tests/e2e/test_deadlines.py).
-    assert dag.deadline, "the workflow has a deadline"
-    dag.deadline = None
+    dag = dags_for_dag_test().dags[CFG.dag_id]
     return dag
 
 

@@ -12,6 +12,7 @@ import pytest
 from common import config, mlflow_utils, registry
 from scripts.tick import importer as tick_import
 from scripts.tick import lake as tick_lake
+from tests.helpers import dags_for_dag_test
 from tests.test_tick_import import GOOD, write_csv
 
 pytestmark = pytest.mark.e2e
@@ -23,9 +24,7 @@ CFG = config.get("tick_model_training")
 # Per test: a dag.test() conf sticks to the DAG object's Params in Airflow 3.3 (test_power_dag.py).
 @pytest.fixture
 def dag(airflow_db):
-    from airflow.dag_processing.dagbag import DagBag
-
-    return DagBag(str(ROOT / "dags")).dags[CFG.dag_id]
+    return dags_for_dag_test().dags[CFG.dag_id]
 
 
 @pytest.fixture

@@ -32,6 +32,7 @@ from scripts.power import data as power_data
 from scripts.tick import importer as tick_import
 from scripts.tick import lake as tick_lake
 from scripts.tick import pipeline as tick_pipeline
+from tests.helpers import dags_for_dag_test
 from tests.test_image_data import idx_bytes, write_cifar_python, write_mnist
 from tests.test_tick_import import HEADER as TICK_HEADER
 from tests.test_tick_import import day_of, many_rows
@@ -102,9 +103,7 @@ def _power_state() -> dict[str, object]:
                                   "registered; champion unchanged")
 def test_inf_in_uci_file_fails_prepare_and_leaves_the_champion(airflow_db, mlflow_server, synthetic_uci,
                                                               clean_lines, tmp_path, monkeypatch, capsys):
-    from airflow.dag_processing.dagbag import DagBag
-
-    dag = DagBag(str(ROOT / "dags")).dags[POWER.dag_id]
+    dag = dags_for_dag_test().dags[POWER.dag_id]
     mirror_file = tmp_path / "mirror" / power_data.MIRROR_PATH
     mirror_file.parent.mkdir(parents=True)
     shutil.copy(synthetic_uci, mirror_file)

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from common import config
+from tests.helpers import dags_for_dag_test
 
 pytestmark = pytest.mark.e2e
 
@@ -66,9 +67,7 @@ def errors(records: list[dict]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def dagbag(airflow_db):
-    from airflow.dag_processing.dagbag import DagBag
-
-    return DagBag(str(ROOT / "dags"))
+    return dags_for_dag_test()
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ import mlflow
 import pytest
 
 from common import alerts, config, mlflow_utils
-from tests.helpers import free_port, stop_group, wait_http
+from tests.helpers import dags_for_dag_test, free_port, stop_group, wait_http
 from tests.image_synth import write_mnist_mirror
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -117,9 +117,7 @@ def _no_mlflow_run(experiment: str, airflow_run_id: str) -> bool:
 
 @pytest.fixture(scope="module")
 def dagbag(airflow_db):
-    from airflow.dag_processing.dagbag import DagBag
-
-    return DagBag(str(ROOT / "dags"))
+    return dags_for_dag_test()
 
 
 @pytest.mark.e2e

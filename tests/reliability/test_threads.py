@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from scripts.core import threads
+from tests.helpers import dags_for_dag_test
 from tests.reliability.test_logs import lines, run_supervised
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -77,8 +78,6 @@ def test_two_task_processes_each_compute_on_one_thread():
     survives="an image train task forked under Airflow's supervisor, on a worker with more task "
              "slots than cores, runs torch with 1 intra-op and 1 inter-op thread")
 def test_supervised_train_task_gets_its_share(airflow_db, mlflow_server, tmp_path, monkeypatch):
-    from airflow.dag_processing.dagbag import DagBag
-
     from tests.image_synth import write_mnist_mirror
 
     mirror = tmp_path / "mirror"
@@ -87,7 +86,7 @@ def test_supervised_train_task_gets_its_share(airflow_db, mlflow_server, tmp_pat
     monkeypatch.delenv(threads.ENV_OVERRIDE, raising=False)
     monkeypatch.setenv("AIRFLOW__CORE__EXECUTOR", "LocalExecutor")
     monkeypatch.setenv("AIRFLOW__CORE__PARALLELISM", str(2 * threads.cpu_count()))
-    dag = DagBag(str(ROOT / "dags")).dags["mnist_cnn_training"]
+    dag = dags_for_dag_test().dags["mnist_cnn_training"]
     dag_run = dag.test(run_conf={"profile": "smoke", "framework": "pytorch"}, mark_success_pattern=".*")
     run_supervised(dag, dag_run, "prepare", tmp_path)
     budget_lines = [line for line in lines(run_supervised(dag, dag_run, "train", tmp_path), "scripts.core.threads")
