@@ -35,6 +35,8 @@ def post_json(url: str, body: dict) -> int:
         return exc.code
 
 
+# The stack's start (<= 600 s) and the demo (<= 900 s of waiting, plus its own start) bound it.
+@pytest.mark.timeout(1800)
 def test_demo_runs_every_workflow_and_leaves_both_uis_up(tmp_path):
     mirror = tmp_path / "mirror"
     write_uci_file(mirror / "household_power" / "household_power_consumption.zip", days=200, seed=9)
