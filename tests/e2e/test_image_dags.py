@@ -114,19 +114,21 @@ def test_killed_training_resumes_in_the_same_mlflow_run(mlflow_server, mirror, t
 
 def test_full_profile_promotes_then_other_framework_is_compared_with_the_champion(
         dagbag, mlflow_server, mirror, monkeypatch):
-    """Not smoke: the gate applies. A PyTorch champion is scored beside a Keras challenger."""
+    """Not smoke: the gate applies (unattended: dag.test() has nobody to approve). A PyTorch
+    champion is scored beside a Keras challenger."""
     monkeypatch.setenv("DATA_MIRROR", str(mirror))
     cfg = config.get("mnist_cnn_training")
     client = mlflow_utils.configure()
     dag = dagbag.dags[cfg.dag_id]
-    first = dag.test(run_conf={"profile": "fast", "framework": "pytorch", "epochs": 8})
+    first = dag.test(run_conf={"profile": "fast", "framework": "pytorch", "epochs": 8, "auto_promote": True})
     assert first.state == "success"
     (run1,) = runs_of(cfg.experiment, first.run_id)
     assert run1.data.metrics["test_accuracy"] >= cfg.gate.threshold  # synthetic classes are easy
     champion = registry.alias_version(client, cfg.model_name, registry.CHAMPION)
     assert champion is not None and champion.run_id == run1.info.run_id
 
-    second = dag.test(run_conf={"profile": "fast", "framework": "tensorflow", "epochs": 8})
+    second = dag.test(run_conf={"profile": "fast", "framework": "tensorflow", "epochs": 8,
+                                 "auto_promote": True})
     assert second.state == "success"
     (run2,) = runs_of(cfg.experiment, second.run_id)
     # The PyTorch champion was loaded through pyfunc and scored on the same test images.
