@@ -25,18 +25,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from airflow.providers.standard.operators.hitl import HITLOperator
-from airflow.sdk import AssetAlias, Param, dag, task
+from airflow.sdk import dag, task
 
-from common import alerts, config
+from common import approval, config
 
 if TYPE_CHECKING:  # the XCom types; the pipeline itself loads only inside a task (parse time)
     from common.registry import Evaluated
     from scripts.image.pipeline import Snapshot, Trained
 
 CFG = config.get("cifar10_cnn_training")
-# Where every move of the champion is announced: registry.model_alias_name(CFG.model_name).
-CHAMPION_EVENTS = AssetAlias(f"{CFG.model_name}_champion_events")
+CHAMPION_EVENTS = approval.champion_events(CFG)  # where a new champion is announced
 DATASET = "cifar10"  # named once here; it travels on in the Snapshot
 
 
@@ -82,40 +80,10 @@ def cifar10_cnn_training() -> None:
         registry.announce_champion(context, CFG.model_name, result["champion_event"])
         return result
 
-    # Governance (docs/operations.md): a challenger that passed the gate waits for a person here.
-    @task.short_circuit
-    def awaits_approval(decision: dict) -> bool:
-        """True only when register left the challenger waiting for approval (no auto_promote)."""
-        return decision["decision"] == "pending_approval"
-
-    approval = HITLOperator(
-        task_id="approve",
-        subject=f"Promote {CFG.model_name} v{{{{ ti.xcom_pull(task_ids='register')['version'] }}}} to champion?",
-        body="{{ ti.xcom_pull(task_ids='register')['approval_body'] }}",
-        options=["Approve", "Reject"],
-        defaults=["Reject"],  # no answer within the timeout is a rejection
-        params={"reason": Param("", type="string", title="Reason",
-                                description="Why (written on the model version with your name)")},
-        response_timeout=CFG.approval_response_timeout(),
-        notifiers=alerts.notifiers(),  # tells people a decision waits (links to the form)
-    )
-
-    @task(pool=config.REGISTRY_POOL.name, outlets=[CHAMPION_EVENTS])
-    def promote(decision: dict, answer: dict | None, **context) -> dict:
-        """Approve: promote through the gate (champion still the one compared with). Reject or no
-        answer: champion unchanged. Decision, reason and who decided go on the model version."""
-        from common import registry
-
-        result = registry.resolve_approval(CFG.model_name, decision["version"], answer).to_dict()
-        event = registry.champion_event(CFG.model_name, result)
-        registry.announce_champion(context, CFG.model_name, event)
-        return {**result, "champion_event": event}
-
     snapshot = prepare()
     trained = train(snapshot)
     decision = register(snapshot, trained, evaluate(snapshot, trained))
-    awaits_approval(decision) >> approval
-    promote(decision, approval.output)
+    approval.approval_step(CFG, decision)  # a person's Approve/Reject, then promote
 
 
 cifar10_cnn_training()

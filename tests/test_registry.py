@@ -94,7 +94,7 @@ def test_threshold_worse_and_marginal_challengers_leave_champion(model_name):
         assert decision.decision == registry.REJECTED and why in decision.reason
         assert champion(model_name) == v1
         client = mlflow_utils.configure()
-        assert client.get_model_version_by_alias(model_name, registry.CHALLENGER).version == version
+        assert registry.alias_version(client, model_name, registry.CHALLENGER) is None  # decided
         assert client.get_model_version(model_name, version).tags["decision"] == "rejected"
 
 

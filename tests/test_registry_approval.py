@@ -72,6 +72,38 @@ def test_passing_challenger_waits_and_its_form_shows_both_scores(model_name):
     assert "| baseline_mae (baseline) | 0.9 |" in second["approval_body"]
 
 
+def first_alias_in_model_list(name: str) -> str | None:
+    """The alias MLflow's registered model list shows first ("Aliased versions"): its UI (3.17,
+    ModelsTableAliasedVersionsCell) sorts the model's aliases by version, newest first, and shows
+    the first; equal versions keep the server's order."""
+    (model,) = mlflow_utils.configure().search_registered_models(f"name = '{name}'")
+    aliases = sorted(model.aliases.items() if isinstance(model.aliases, dict) else
+                     [(a.alias, a.version) for a in model.aliases], key=lambda a: int(a[1]), reverse=True)
+    return aliases[0][0] if aliases else None
+
+
+def test_the_model_list_shows_champion_first_unless_a_version_waits(model_name):
+    _, first = challenger(model_name, GOOD, None, None, auto_promote=True)
+    assert first.decision == registry.PROMOTED and first_alias_in_model_list(model_name) == "champion"
+    _, worse = challenger(model_name, {"mae": 0.6, "skill_mae": 0.2}, first.version, 0.5, auto_promote=True)
+    assert worse.decision == registry.REJECTED and first_alias_in_model_list(model_name) == "champion"
+    # A version waiting for a person is what the list should show first ...
+    _, waiting = challenger(model_name, {"mae": 0.3, "skill_mae": 0.4}, first.version, 0.5, auto_promote=False)
+    assert first_alias_in_model_list(model_name) == "challenger"
+    # ... until it is decided, either way.
+    registry.reject(model_name, waiting.version, "bob", "not this week")
+    assert first_alias_in_model_list(model_name) == "champion"
+    _, again = challenger(model_name, {"mae": 0.3, "skill_mae": 0.4}, first.version, 0.5, auto_promote=False)
+    registry.approve(model_name, again.version, "alice")
+    assert first_alias_in_model_list(model_name) == "champion" and champion(model_name) == again.version
+    client = mlflow_utils.configure()
+    assert client.get_model_version(model_name, again.version).aliases == ["champion"]
+    # A retry of register on a decided version does not hand the alias back.
+    mv = client.get_model_version(model_name, worse.version)
+    registry.register_challenger(model_name, mv.source, mv.run_id, {})
+    assert first_alias_in_model_list(model_name) == "champion"
+
+
 def test_failing_challenger_never_reaches_approval(model_name):
     result, decision = challenger(model_name, {"mae": 0.5, "skill_mae": 0.01}, None, None, auto_promote=False)
     assert decision.decision == registry.REJECTED and result["approval_body"] is None
@@ -175,7 +207,8 @@ def test_every_dag_asks_for_approval_after_register(dag_file):
     assert dag.get_task("awaits_approval").upstream_task_ids == {"register"}
     assert approve.upstream_task_ids == {"awaits_approval"}
     assert promote.upstream_task_ids == {"register", "approve"}
-    assert approve.options == ["Approve", "Reject"] and approve.defaults == ["Reject"]
+    assert approve.options == [registry.APPROVE, registry.REJECT] and approve.defaults == [registry.REJECT]
+    assert approve.task_group.group_id == "approval"  # common.approval.approval_step
     assert approve.response_timeout == cfg.approval_timeout and "reason" in approve.params
     assert "approval_body" in approve.body and "register" in approve.subject
     alias = registry.model_alias_name(cfg.model_name)

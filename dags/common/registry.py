@@ -9,6 +9,9 @@ The protocol, per registered model:
    dataset whose digest is the data version; the version page shows them from there.
 2. ``decide`` applies the workflow's :class:`~common.config.PromotionGate` and records the outcome
    as version tags ``decision`` (promoted | rejected | pending_approval) and ``decision_reason``.
+   A decided version (promoted or rejected) no longer carries ``challenger``: the alias marks only
+   a version whose decision is open, so MLflow's registered model list, which shows the alias of
+   the newest aliased version first, shows ``champion`` there except while a version waits.
    A challenger that passes waits for a person (``pending_approval``) unless the run promotes
    unattended (``auto_promote``, config switch and run parameter).
 3. The DAG's ``approve`` step (Airflow's human-in-the-loop operator) asks; ``resolve_approval``
@@ -167,7 +170,9 @@ def register_challenger(model_name: str, model_uri: str, run_id: str, tags: Mapp
         _wait_ready(client, model_name, version)
     for key, value in {**tags, "mlflow_run_id": run_id}.items():
         client.set_model_version_tag(model_name, version, key, str(value))
-    client.set_registered_model_alias(model_name, CHALLENGER, version)
+    # A retry after the decision finds the version decided: it challenges nobody any more.
+    if client.get_model_version(model_name, version).tags.get(TAG_DECISION) not in (PROMOTED, REJECTED):
+        client.set_registered_model_alias(model_name, CHALLENGER, version)
     return version
 
 
@@ -554,6 +559,17 @@ def _record(client: MlflowClient, name: str, version: str, decision: str, reason
     client.set_model_version_tag(name, version, TAG_REASON, reason)
     client.set_model_version_tag(name, version, TAG_EVALUATED_AGAINST, evaluated_against or NO_CHAMPION)
     client.set_model_version_tag(name, version, "decided_at", datetime.now(UTC).isoformat())
+    if decision in (PROMOTED, REJECTED):
+        _close_challenge(client, name, version)
+
+
+def _close_challenge(client: MlflowClient, name: str, version: str) -> None:
+    """Take ``challenger`` off a decided version (the decision is in its tags). Why: the MLflow UI's
+    model list shows first the alias on the highest version, and a decided challenger (always the
+    newest version) would stand before ``champion`` there; a newer challenger keeps its alias."""
+    current = alias_version(client, name, CHALLENGER)
+    if current is not None and current.version == str(version):
+        client.delete_registered_model_alias(name, CHALLENGER)
 
 
 def _promote(client: MlflowClient, name: str, version: str, before: str | None) -> None:

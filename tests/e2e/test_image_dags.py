@@ -69,7 +69,7 @@ def test_smoke_run_logs_everything_and_never_promotes(dagbag, mlflow_server, mir
     (version,) = client.search_model_versions(f"name = '{cfg.model_name}' AND run_id = '{run.info.run_id}'")
     version = client.get_model_version(cfg.model_name, version.version)
     assert version.tags["decision"] == "rejected" and "smoke" in version.tags["decision_reason"]
-    assert "challenger" in version.aliases
+    assert "challenger" not in version.aliases  # decided (rejected): challenges nobody
     assert registry.alias_version(client, cfg.model_name, registry.CHAMPION) is None
     info = mlflow.models.get_model_info(f"models:/{cfg.model_name}/{version.version}")
     assert info.signature is not None and info.saved_input_example_info is not None

@@ -68,7 +68,7 @@ def test_run_registers_champion_then_worse_run_leaves_it(dag, mlflow_server, syn
     assert {"evaluation/forecast_vs_actual.png", "evaluation/feature_importance.png"} <= artifacts
 
     v1 = version_of(run.info.run_id)
-    assert set(v1.aliases) == {"champion", "challenger"}
+    assert v1.aliases == ["champion"]  # decided: no longer the challenger
     assert v1.tags["decision"] == "promoted" and v1.tags["data_version"] == tags["data_version"]
     model = mlflow.models.get_model_info(f"models:/{CFG.model_name}/{v1.version}")
     assert model.signature is not None and model.saved_input_example_info is not None
@@ -95,7 +95,7 @@ def test_run_registers_champion_then_worse_run_leaves_it(dag, mlflow_server, syn
     assert point.value == pytest.approx(run2.data.metrics["champion_mae"])
     assert client.get_model_version(CFG.model_name, v1.version).tags["champion_health"] == "ok"
     assert client.get_model_version_by_alias(CFG.model_name, registry.CHAMPION).version == v1.version
-    assert client.get_model_version_by_alias(CFG.model_name, registry.CHALLENGER).version == v2.version
+    assert registry.alias_version(client, CFG.model_name, registry.CHALLENGER) is None  # v2 decided
 
 
 def test_bad_data_fails_the_run_and_registers_nothing(dag, mlflow_server, tmp_path, monkeypatch):

@@ -76,7 +76,7 @@ def test_days_in_order_then_a_bad_partition_changes_nothing(dag, mlflow_server, 
     assert "evaluation/predicted_vs_realized_volatility.png" in artifacts
     (version,) = client.search_model_versions(f"name = '{CFG.model_name}' AND run_id = '{run.info.run_id}'")
     version = client.get_model_version(CFG.model_name, version.version)
-    assert version.aliases == ["challenger"] and version.tags["trade_date"] == str(days[2])
+    assert version.aliases == [] and version.tags["trade_date"] == str(days[2])
     assert version.tags["synthetic"] == "true"
     # Simulated trades never produce a champion, whatever the scores.
     assert version.tags["decision"] == "rejected" and "synthetic" in version.tags["decision_reason"]
