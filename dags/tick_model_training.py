@@ -78,7 +78,8 @@ def tick_model_training() -> None:
 
     @task
     def train(built: Built, **context) -> Trained:
-        """Fit on the days before; skipped (not failed) when there is none."""
+        """Fit on the days before; skipped (not failed) when there is none, or when this automatic
+        run's day was already trained on by the other automatic run (Asset event or weekday time)."""
         from airflow.sdk.exceptions import AirflowSkipException
 
         from common.alerts import permanent_errors_fail_fast
@@ -87,8 +88,9 @@ def tick_model_training() -> None:
 
         with permanent_errors_fail_fast():
             try:
-                return pipeline.train(CFG, built, context["params"], AirflowIdentity.from_context(context))
-            except pipeline.NotEnoughHistory as exc:
+                return pipeline.train(CFG, built, context["params"], AirflowIdentity.from_context(context),
+                                      once_per_day=context["dag_run"].run_type in ("scheduled", "asset_triggered"))
+            except (pipeline.NotEnoughHistory, pipeline.AlreadyTrained) as exc:
                 raise AirflowSkipException(str(exc)) from None
 
     @task

@@ -215,3 +215,29 @@ def test_every_dag_asks_for_approval_after_register(dag_file):
     for task_id in ("register", "promote"):
         assert [o.name for o in dag.get_task(task_id).outlets] == [alias], task_id
     assert re.fullmatch(r"[\w.-]+", registry.model_asset_name(cfg.model_name))
+
+
+def test_an_automatic_tick_run_does_not_train_a_day_twice(model_name):
+    """The importer's Asset event and the weekday time both start a tick run for the same day: the
+    second automatic run skips training (no second approval) when the first registered a model of
+    the same trades; a manual run, a retry of the same run and other trades still train."""
+    from dataclasses import replace
+
+    from common.mlflow_utils import AirflowIdentity
+    from scripts.tick import pipeline
+
+    cfg = replace(config.get("tick_model_training"), model_name=model_name)
+    run_id, uri = logged_model("approval-tests")
+    registry.register_challenger(model_name, uri, run_id, {"trade_date": "2026-01-07", "trades_version": "t-1",
+                                                           "airflow_run_id": "asset_triggered__1"})
+    built = {"day": "2026-01-07", "data_version": "t-1", "lake": "/nonexistent"}
+    scheduled = AirflowIdentity("tick_model_training", "scheduled__2026-01-07", "train", 1)
+    assert f"{model_name} v1 (run asset_triggered__1)" == pipeline.registered_by_another_run(cfg, built, scheduled)
+    with pytest.raises(pipeline.AlreadyTrained, match="already trained on"):
+        pipeline.train(cfg, built, {}, scheduled, once_per_day=True)
+    retry = replace(scheduled, run_id="asset_triggered__1", try_number=2)
+    assert pipeline.registered_by_another_run(cfg, built, retry) is None
+    assert pipeline.registered_by_another_run(cfg, {**built, "data_version": "t-2"}, scheduled) is None
+    with pytest.raises(Exception) as manual:  # trains: fails only on the missing lake
+        pipeline.train(cfg, built, {}, scheduled, once_per_day=False)
+    assert not isinstance(manual.value, pipeline.AlreadyTrained)

@@ -43,6 +43,11 @@ class NotEnoughHistory(PipelineError):
     """No earlier trading day to train on (the first day of a lake or a backfill)."""
 
 
+class AlreadyTrained(PipelineError):
+    """An automatic run found the day's very trades already trained on and registered by another
+    run (the importer's Asset event and the weekday time both start a run for the same day)."""
+
+
 # -- what travels between the steps (XCom) ----------------------------------------------------
 class Day(TypedDict):
     """The run's day, fixed by its first step (``start``), and what every later step reads it with."""
@@ -250,8 +255,24 @@ def _feature_sha(lake: Lake, day: date) -> str:
     return lake.read_json(f"{lake.day_dir(tick_lake.FEATURES, day)}/{tick_lake.MANIFEST_FILE}")["sha256"]
 
 
-def train(cfg: WorkflowConfig, run_day: Day, params: Mapping[str, Any] | None, who: AirflowIdentity) -> Trained:
-    """Fit on the rolling window of days before the run's day; log params, model and lineage."""
+def registered_by_another_run(cfg: WorkflowConfig, built: Built, who: AirflowIdentity) -> str | None:
+    """The version (and Airflow run) that another run registered from this day's same trades, if any."""
+    for mv in registry.versions_tagged(cfg.model_name, {"trade_date": built["day"],
+                                                        "trades_version": built["data_version"]}):
+        if mv.tags.get("airflow_run_id") != who.run_id:  # a retry of this run is not another run
+            return f"{cfg.model_name} v{mv.version} (run {mv.tags.get('airflow_run_id', '?')})"
+    return None
+
+
+def train(cfg: WorkflowConfig, run_day: Day, params: Mapping[str, Any] | None, who: AirflowIdentity,
+          *, once_per_day: bool = False) -> Trained:
+    """Fit on the rolling window of days before the run's day; log params, model and lineage.
+    ``once_per_day`` (the automatic runs: Asset event, weekday time): raise :class:`AlreadyTrained`
+    rather than train again on trades another run already registered a model of; a manual run
+    or a backfill always trains (a person asked for it)."""
+    if once_per_day and (earlier := registered_by_another_run(cfg, run_day, who)):
+        raise AlreadyTrained(f"{run_day['day']}'s trades ({run_day['data_version']}) were already trained on: "
+                             f"{earlier}; an automatic run does not ask for the same approval twice")
     task_threads = threads.apply()  # before Polars, XGBoost and numpy load
     import mlflow
     import numpy
