@@ -149,7 +149,7 @@ def describe(client: AirflowClient, cfg: config.WorkflowConfig, record: dict) ->
         row["model"] = f"{decision['model_name']} v{decision['version']}"
         mv = MlflowClient(mlflow_utils.tracking_uri()).get_model_version(
             decision["model_name"], decision["version"])
-        row["alias"] = ",".join(mv.aliases) or decision["decision"]
+        row["alias"] = ",".join(mv.aliases) or "-"  # a decided version keeps only `champion`, if that
         if decision["decision"] != "promoted":
             row["alias"] += f" ({decision['decision']}: {decision['reason']})"
         row["champion"] = f"v{decision['champion_after']}" if decision["champion_after"] else "none"
