@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export DATA_MIRROR
 export VTM_HOME ?= $(CURDIR)/.local
 
-.PHONY: venv demo up down test test-fast lint bench pools clean deploy-env cluster
+.PHONY: venv browser demo up down test test-fast lint bench pools clean deploy-env cluster
 
 venv: $(STAMP)
 
@@ -22,6 +22,13 @@ $(STAMP): requirements-airflow.txt requirements-dev.txt constraints-airflow.txt
 	$(BIN)/python -m pip check
 	touch $@
 
+# A headless Chromium for the browser test (tests/e2e/test_approval_browser.py): pinned Debian
+# packages, sha256-checked, unpacked into $(VENV)/browser by tools/browser.py (~105 MB, no root).
+browser: $(VENV)/browser/.installed
+
+$(VENV)/browser/.installed: tools/browser.py | $(STAMP)
+	$(BIN)/python tools/browser.py install
+
 up: venv
 	tools/stack.sh up
 
@@ -31,7 +38,7 @@ demo: up
 down:
 	tools/stack.sh down
 
-test: venv lint
+test: venv lint browser
 	$(BIN)/python -m pytest
 
 test-fast: venv
