@@ -195,6 +195,7 @@ def install(dest: Path = DEFAULT_DIR) -> Path:
     marker = dest / ".installed"
     executable = dest / "root/usr/lib/chromium/chromium-headless-shell"
     if marker.is_file() and marker.read_text().strip() == pins and executable.is_file():
+        marker.touch()  # up to date: tells make (its target) so
         return executable
     if sys.platform != "linux" or platform.machine() != "x86_64":
         raise BrowserUnavailable(f"the pinned packages are for Linux x86_64, not {sys.platform} {platform.machine()}")
