@@ -11,7 +11,8 @@
 # Python: .venv/bin/python where it exists (here), else python3 (a GPU box's holds PyTorch).
 # Settings (environment): GPU_CHECK_DEVICES (default cuda), GPU_CHECK_SEEDS (default 4),
 # GPU_CHECK_ROWS (default "cifar10:fast cifar10:quality mnist:fast"), GPU_CHECK_EPOCHS (unset:
-# each profile's), GPU_CHECK_OUT (a folder for the rows as JSON; default $OUT where set).
+# each profile's), GPU_CHECK_EXTRA (more bench arguments, e.g. "--batch-size 512" for a tuning
+# run), GPU_CHECK_OUT (a folder for the rows as JSON; default $OUT where set).
 # A CPU dry run of the whole path, in a minute or so:
 #   GPU_CHECK_DEVICES=cpu GPU_CHECK_SEEDS=2 GPU_CHECK_ROWS="mnist:smoke cifar10:smoke" bash bench/gpu_check.sh
 set -euo pipefail
@@ -46,6 +47,7 @@ args=(--data "$data" --frameworks pytorch --devices ${GPU_CHECK_DEVICES:-cuda}
       --rows ${GPU_CHECK_ROWS:-cifar10:fast cifar10:quality mnist:fast}
       --seeds "${GPU_CHECK_SEEDS:-4}" --task-wall)
 [[ -n "${GPU_CHECK_EPOCHS:-}" ]] && args+=(--epochs "$GPU_CHECK_EPOCHS")
+[[ -n "${GPU_CHECK_EXTRA:-}" ]] && args+=(${GPU_CHECK_EXTRA})
 [[ -n "$out" ]] && args+=(--json "$out/gpu_check.json")
 
 cd "$root"

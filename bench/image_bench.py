@@ -69,13 +69,13 @@ def device_name(device: str) -> str:
 
 
 def train_once(arrays, dataset: str, framework: str, profile: str, device: str, seed: int,
-               epochs: int | None, checkpoint_dir: Path | None = None):
+               overrides: dict, checkpoint_dir: Path | None = None):
     if framework == "tensorflow":
         from scripts.image.keras_trainer import train_keras as train
     else:
         from scripts.image.torch_trainer import train_torch as train
     cfg = TrainConfig(dataset=dataset, profile=profile, framework=framework, device=device, seed=seed,
-                      epochs=epochs)
+                      **overrides)
     return cfg, train(draw_subset(arrays, cfg.recipe, cfg.seed).apply(arrays), cfg,
                       checkpoint_dir=checkpoint_dir)
 
@@ -85,16 +85,24 @@ def task_child(args: argparse.Namespace) -> int:
     arrays = image_data.load_snapshot(args.snapshot)
     with tempfile.TemporaryDirectory() as checkpoints:
         _, result = train_once(arrays, args.dataset, args.framework, args.profile, args.device,
-                               args.seed, args.epochs, Path(checkpoints))
+                               args.seed, overrides(args), Path(checkpoints))
     print(json.dumps({"test_accuracy": result.test_accuracy, "train_seconds": result.train_seconds}), flush=True)
     return 0
 
 
+def overrides(args: argparse.Namespace) -> dict:
+    """The profile settings given on the command line (tuning runs), as TrainConfig fields."""
+    given = {"epochs": args.epochs, "batch_size": args.batch_size, "learning_rate": args.learning_rate}
+    return {k: v for k, v in given.items() if v is not None}
+
+
 def task_wall(snapshot: str, dataset: str, framework: str, profile: str, device: str, seed: int,
-              epochs: int | None) -> tuple[float, dict]:
+              settings: dict) -> tuple[float, dict]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--task-child", "--snapshot", snapshot,
            "--datasets", dataset, "--frameworks", framework, "--profiles", profile, "--devices", device,
-           "--seed", str(seed)] + (["--epochs", str(epochs)] if epochs else [])
+           "--seed", str(seed)]
+    for key, value in settings.items():
+        cmd += [f"--{key.replace('_', '-')}", str(value)]
     started = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - started
@@ -128,7 +136,9 @@ def main() -> int:
     parser.add_argument("--devices", nargs="+", default=None, help="default: cpu, and cuda if present")
     parser.add_argument("--seed", type=int, default=0, help="first seed")
     parser.add_argument("--seeds", type=int, default=1, help="runs per row, seeds seed..seed+N-1")
-    parser.add_argument("--epochs", type=int, help="override the profile's (quick checks only)")
+    parser.add_argument("--epochs", type=int, help="override the profile's (quick checks, tuning)")
+    parser.add_argument("--batch-size", type=int, help="override the profile's (tuning)")
+    parser.add_argument("--learning-rate", type=float, help="override the recipe's peak (tuning)")
     parser.add_argument("--task-wall", action="store_true",
                         help="also time one fresh process doing a DAG train task's work per row")
     parser.add_argument("--json", type=Path, help="also write the rows here")
@@ -167,7 +177,7 @@ def main() -> int:
             for device in devices:
                 runs = []
                 for seed in range(args.seed, args.seed + args.seeds):
-                    cfg, result = train_once(arrays, dataset, framework, profile, device, seed, args.epochs)
+                    cfg, result = train_once(arrays, dataset, framework, profile, device, seed, overrides(args))
                     run = {"dataset": dataset, "framework": framework, "profile": profile,
                            "device": result.device, "seed": seed, "epochs": cfg.recipe.epochs,
                            "test_accuracy": round(result.test_accuracy, 4),
@@ -179,6 +189,7 @@ def main() -> int:
                 warm = [r["train_seconds"] for r in runs[1:]]
                 row = {"dataset": dataset, "framework": framework, "profile": profile, "device": device,
                        "card": names[device], "epochs": runs[0]["epochs"], "seeds": len(runs),
+                       "batch_size": cfg.recipe.batch_size,
                        "acc_mean": statistics.fmean(accuracies),
                        "acc_std": statistics.stdev(accuracies) if len(runs) > 1 else 0.0,
                        "acc_min": min(accuracies), "acc_max": max(accuracies),
@@ -188,7 +199,7 @@ def main() -> int:
                        "task_wall_s": None, "task_acc": None, "runs": runs}
                 if args.task_wall:
                     wall, child = task_wall(snapshots[dataset], dataset, framework, profile, device,
-                                            args.seed, args.epochs)
+                                            args.seed, overrides(args))
                     row["task_wall_s"], row["task_acc"] = round(wall, 2), round(child["test_accuracy"], 4)
                     print(json.dumps({"task_wall_s": row["task_wall_s"], **child}), flush=True)
                 table.append(row)
@@ -202,13 +213,13 @@ def print_table(table: list[dict]) -> None:
     def seconds(value: float | None) -> str:
         return "-" if value is None else f"{value:.2f}"
 
-    print("\n| data set | framework | profile | device | card | epochs | seeds | test accuracy (mean +- sd, min-max) "
-          "| train s, first | train s, warm | images/s | task wall s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| data set | framework | profile | device | card | epochs | batch | seeds "
+          "| test accuracy (mean +- sd, min-max) | train s, first | train s, warm | images/s | task wall s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in table:
         accuracy = f"{100 * r['acc_mean']:.2f} % +- {100 * r['acc_std']:.2f} ({100 * r['acc_min']:.2f}-{100 * r['acc_max']:.2f})"
         print(f"| {r['dataset']} | {r['framework']} | {r['profile']} | {r['device']} | {r['card']} | {r['epochs']} "
-              f"| {r['seeds']} | {accuracy} | {seconds(r['first_s'])} | {seconds(r['warm_s'])} "
+              f"| {r['batch_size']} | {r['seeds']} | {accuracy} | {seconds(r['first_s'])} | {seconds(r['warm_s'])} "
               f"| {r['images_per_second']:,} | {seconds(r['task_wall_s'])} |", flush=True)
 
 

@@ -229,3 +229,30 @@ def test_the_cifar_recipe_uses_every_component():
     assert sum(p.numel() for p in quality.parameters()) > 3 * sum(p.numel() for p in net.parameters())
     mnist = image_torch.recipe_for("mnist", "fast")
     assert not mnist.flip and mnist.tta_level == 0  # digits are not mirror-symmetric
+
+
+def test_cifar_recipe_resumes_exactly_after_a_kill(tmp_path):
+    """Lookahead, alternating flips, the whitening bias's freeze and the schedule all pick up where
+    the killed run stopped: the resumed run ends on the same predictions as an uninterrupted one."""
+    import numpy as np
+
+    from scripts.image.base import ImageArrays, TrainConfig
+    from tests.image_synth import learnable
+
+    x, y = learnable(200, (32, 32, 3), 3)
+    xt, yt = learnable(100, (32, 32, 3), 4)
+    arrays = ImageArrays(x, y.astype(np.int64), xt, yt.astype(np.int64), tuple("0123456789"))
+    # 5 epochs: the whitening bias freezes after the third, the lookahead runs throughout.
+    cfg = TrainConfig("cifar10", "smoke", epochs=5, batch_size=50)
+
+    def die_after_fourth(epoch):
+        if epoch.epoch == 4:
+            raise KeyboardInterrupt("worker killed")
+
+    with pytest.raises(KeyboardInterrupt):
+        image_torch.train_torch(arrays, cfg, on_epoch=die_after_fourth, checkpoint_dir=tmp_path)
+    resumed = image_torch.train_torch(arrays, cfg, checkpoint_dir=tmp_path)
+    uninterrupted = image_torch.train_torch(arrays, cfg)
+    assert resumed.resumed_from_epoch == 4
+    assert np.array_equal(resumed.predictions, uninterrupted.predictions)
+    assert resumed.history[-1].train_loss == pytest.approx(uninterrupted.history[-1].train_loss, rel=1e-6)

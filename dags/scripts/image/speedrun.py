@@ -55,12 +55,14 @@ def whitening_filters(images: torch.Tensor, size: int = 2, eps: float = 5e-4) ->
     responses are decorrelated with unit variance. ``eps`` keeps the near-null directions (noise)
     from being blown up. The second half is the first negated, so that the activation after this
     layer keeps both signs of every direction."""
-    patches = image_patches(images.float(), size).double()  # float64: tiny eigenvalues stay exact
-    covariance = patches.T @ patches / len(patches)
+    patches = image_patches(images.float(), size)
+    covariance = (patches.T @ patches / len(patches)).cpu().double()
+    # The 12x12 eigen-decomposition on the CPU, in float64: exact, and no GPU solver library to
+    # load (that costs a fresh process about a second).
     eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
     order = eigenvalues.argsort(descending=True)  # strongest direction first
     scaled = eigenvectors[:, order].T / torch.sqrt(eigenvalues[order].clamp_min(0) + eps)[:, None]
-    filters = scaled.reshape(-1, images.shape[1], size, size).float()
+    filters = scaled.reshape(-1, images.shape[1], size, size).float().to(images.device)
     return torch.cat([filters, -filters])
 
 
@@ -170,9 +172,20 @@ class Lookahead:
 
     @torch.no_grad()
     def reset(self, model: nn.Module) -> None:
-        """Slow weights = the model's now (at a start, or a resume: the model then holds the
-        slow weights, since every epoch ends with them copied back)."""
+        """Slow weights = the model's now (where the averaging starts)."""
         self.slow = [t.detach().clone() for t in self._tensors(model)]
+
+    def state(self) -> list[torch.Tensor]:
+        """For a checkpoint: the fast weights run on between updates (an epoch rarely ends on
+        one), so a resume needs the slow ones too."""
+        return self.slow
+
+    @torch.no_grad()
+    def load_state(self, slow: list[torch.Tensor]) -> None:
+        if len(slow) != len(self.slow):
+            raise ValueError(f"lookahead state of {len(slow)} tensors for a model of {len(self.slow)}")
+        for mine, saved in zip(self.slow, slow, strict=True):
+            mine.copy_(saved)
 
     @torch.no_grad()
     def update(self, model: nn.Module, decay: float) -> None:
