@@ -313,7 +313,7 @@ def train_torch(arrays: ImageArrays, cfg: TrainConfig, on_epoch: EpochCallback |
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
-        generator.set_state(state["generator"].to("cpu") if not cuda else state["generator"])
+        generator.set_state(state["generator"].cpu())  # a ByteTensor on the host, for either device
         start_epoch, train_seconds = state["epoch"], state["train_seconds"]
         history = [EpochResult(**h) for h in state["history"]]
     resumed_from = start_epoch
