@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import signal
 import socket
@@ -11,8 +12,8 @@ import subprocess
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Iterator, Mapping
+from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,6 +61,61 @@ def serve_directory(directory: Path) -> Iterator[str]:
         yield f"http://127.0.0.1:{server.server_port}"
     finally:
         server.shutdown()
+
+
+@contextlib.contextmanager
+def http_receiver(path: str = "/hook") -> Iterator[tuple[str, list[dict]]]:
+    """A real HTTP receiver on 127.0.0.1 (a webhook's far end): yields its URL and the JSON bodies
+    POSTed to it, in order."""
+    received: list[dict] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server API
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}{path}", received
+    finally:
+        server.shutdown()
+
+
+STACK = str(ROOT / "tools" / "stack.sh")
+
+
+def stack_env(home: Path, **overrides: str) -> dict[str, str]:
+    """The environment a test hands ``tools/stack.sh``: ours without the developer's MLflow,
+    Airflow and mirror settings (the stack must not reach them), a private ``VTM_HOME``, free
+    ports, this checkout's venv and a 5 s DAG refresh; ``overrides`` win."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING_", "AIRFLOW", "DATA_MIRROR"))}
+    env.update({"VTM_HOME": str(home), "MLFLOW_PORT": str(free_port()), "AIRFLOW_PORT": str(free_port()),
+                "VENV": str(ROOT / ".venv"), "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5"})
+    env.update(overrides)
+    return env
+
+
+def stack_shell(env: Mapping[str, str]) -> dict[str, str]:
+    """What ``eval "$(tools/stack.sh env)"`` gives a person's shell on the stack ``env`` started."""
+    out = subprocess.run(["bash", "-c", f'eval "$({STACK} env)" && env -0'], env=dict(env), capture_output=True,
+                         check=True, timeout=60).stdout.decode()
+    return dict(item.split("=", 1) for item in out.split("\0") if "=" in item)
+
+
+@contextlib.contextmanager
+def embedded_stack(env: Mapping[str, str]) -> Iterator[dict[str, str]]:
+    """``tools/stack.sh up`` with ``env`` (from :func:`stack_env`); yields :func:`stack_shell`'s
+    environment and always runs ``down`` afterwards."""
+    try:
+        subprocess.run([STACK, "up"], env=dict(env), check=True, timeout=600, capture_output=True, text=True)
+        yield stack_shell(env)
+    finally:
+        subprocess.run([STACK, "down"], env=dict(env), timeout=300)
 
 
 def dags_for_dag_test():

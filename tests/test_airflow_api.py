@@ -1,5 +1,6 @@
 """tools/airflow_api.AirflowClient against a real HTTP server on 127.0.0.1 that is slow or failing
-the way a busy embedded stack is: reads are retried, a trigger (POST) is never sent twice."""
+the way a busy embedded stack is: reads are retried, and so is a trigger, which names its run so
+that a retry never makes a second run."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ class FlakyApi(BaseHTTPRequestHandler):
 
     script: list[str] = []
     seen: list[tuple[str, str]] = []
+    bodies: list[dict] = []
 
     def log_message(self, *args) -> None:  # keep test output clean
         pass
@@ -33,16 +35,19 @@ class FlakyApi(BaseHTTPRequestHandler):
 
     def _handle(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
-        self.rfile.read(length)
+        body = self.rfile.read(length)
         if self.path == "/auth/token":
             return self._answer(201, {"access_token": "t"})
         self.seen.append((self.command, self.path))
+        self.bodies.append(json.loads(body) if body else {})
         step = self.script.pop(0) if self.script else "ok"
         if step == "slow":
             time.sleep(1.0)  # longer than the client's timeout in these tests
             return self._answer(200, {"late": True})
         if step == "500":
             return self._answer(500, {"detail": "database is locked"})
+        if step == "409":
+            return self._answer(409, {"detail": "DAG Run with that id already exists"})
         return self._answer(200, {"state": "success", "dag_run_id": "r1"})
 
     do_GET = do_POST = do_PATCH = _handle
@@ -50,7 +55,7 @@ class FlakyApi(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def api() -> Iterator[tuple[AirflowClient, type[FlakyApi]]]:
-    FlakyApi.script, FlakyApi.seen = [], []
+    FlakyApi.script, FlakyApi.seen, FlakyApi.bodies = [], [], []
     server = ThreadingHTTPServer(("127.0.0.1", 0), FlakyApi)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -78,9 +83,20 @@ def test_a_read_gives_up_with_a_clear_error(api):
     assert len(handler.seen) == client.ATTEMPTS
 
 
-def test_a_trigger_is_never_sent_twice(api):
+def test_a_trigger_that_timed_out_is_sent_again_with_the_same_run_id(api):
+    """The first POST times out on the client but created the run; the retry's 409 means done."""
     client, handler = api
-    handler.script = ["slow"]
-    with pytest.raises(AirflowApiError, match="POST /dags/d/dagRuns: no answer after 1 tries"):
+    handler.script = ["slow", "409"]
+    run_id = client.trigger("d", {"x": 1})
+    assert handler.seen == [("POST", "/api/v2/dags/d/dagRuns")] * 2
+    first, second = handler.bodies
+    assert first == second and first["dag_run_id"] == run_id and first["conf"] == {"x": 1}
+    assert run_id.startswith("manual__") and client.trigger("d") != run_id  # a new trigger, a new run
+
+
+def test_a_conflict_on_the_first_try_is_an_error(api):
+    client, handler = api
+    handler.script = ["409"]
+    with pytest.raises(AirflowApiError, match="HTTP 409"):
         client.trigger("d", {})
-    assert handler.seen == [("POST", "/api/v2/dags/d/dagRuns")]
+    assert len(handler.seen) == 1

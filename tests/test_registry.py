@@ -8,10 +8,8 @@ import multiprocessing
 import os
 import subprocess
 import sys
-import threading
 import uuid
 from datetime import date
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import mlflow
@@ -20,6 +18,7 @@ import pytest
 from common import alerts, mlflow_utils, registry
 from common.config import PromotionGate
 from common.mlflow_utils import AirflowIdentity
+from tests.helpers import http_receiver
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[1]
@@ -309,25 +308,11 @@ def test_version_metrics_fall_back_to_the_run(model_name):
 @pytest.fixture
 def webhook(monkeypatch):
     """A real HTTP receiver on 127.0.0.1 as the alerts_webhook connection (the only channel)."""
-    received: list[dict] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802 - http.server API
-            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(200)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    for conn_id in alerts.CHANNELS:
-        monkeypatch.delenv(f"AIRFLOW_CONN_{conn_id.upper()}", raising=False)
-    monkeypatch.setenv("AIRFLOW_CONN_ALERTS_WEBHOOK", json.dumps(
-        {"conn_type": "http", "extra": {"url": f"http://127.0.0.1:{server.server_port}/hook"}}))
-    yield received
-    server.shutdown()
+    with http_receiver() as (url, received):
+        for conn_id in alerts.CHANNELS:
+            monkeypatch.delenv(f"AIRFLOW_CONN_{conn_id.upper()}", raising=False)
+        monkeypatch.setenv("AIRFLOW_CONN_ALERTS_WEBHOOK", json.dumps({"conn_type": "http", "extra": {"url": url}}))
+        yield received
 
 
 def test_champion_health_is_a_daily_series_on_its_model_and_degradation_notifies(model_name, webhook):

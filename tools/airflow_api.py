@@ -7,9 +7,11 @@ would: log in, unpause, trigger, wait, read task results.
 from __future__ import annotations
 
 import json
+import secrets
 import time
 import urllib.error
 import urllib.request
+from datetime import UTC, datetime
 from typing import Any
 
 TERMINAL = {"success", "failed"}
@@ -36,14 +38,17 @@ class AirflowClient:
     # Reads and idempotent writes are retried when the server is slow or briefly failing: on the
     # embedded stack SQLite has one writer, and a busy scheduler can hold the API server's
     # request past the client timeout (or fail it with a 5xx "database is locked"). A POST is
-    # never retried: it could create a second run.
+    # retried only when the caller made it idempotent (``retry=True``: e.g. a trigger with a run id
+    # of its own, where a retry's 409 means an earlier try created the run).
     IDEMPOTENT = frozenset({"GET", "PATCH", "PUT", "DELETE"})
     ATTEMPTS = 4
     TIMEOUT = 60.0  # seconds for one request
     BACKOFF = 5.0  # seconds, times the attempt number
 
-    def request(self, method: str, path: str, body: Any = None, ok_missing: bool = False) -> Any:
-        attempts = self.ATTEMPTS if method in self.IDEMPOTENT else 1
+    def request(self, method: str, path: str, body: Any = None, ok_missing: bool = False,
+                retry: bool | None = None) -> Any:
+        retry = method in self.IDEMPOTENT if retry is None else retry
+        attempts = self.ATTEMPTS if retry else 1
         login_retried = False
         attempt = 0
         while True:
@@ -64,6 +69,8 @@ class AirflowClient:
                     continue
                 if exc.code == 404 and ok_missing:
                     return None
+                if exc.code == 409 and attempt > 1 and method == "POST":
+                    return None  # an earlier, timed-out try of this same idempotent POST created it
                 if exc.code >= 500 and attempt < attempts:
                     time.sleep(self.BACKOFF * attempt)
                     continue
@@ -89,8 +96,12 @@ class AirflowClient:
         self.request("PATCH", f"/dags/{dag_id}", {"is_paused": False})
 
     def trigger(self, dag_id: str, conf: dict[str, Any] | None = None) -> str:
-        run = self.request("POST", f"/dags/{dag_id}/dagRuns", {"logical_date": None, "conf": conf or {}})
-        return run["dag_run_id"]
+        """Start a run now; returns its id. The id is chosen here, so a POST that timed out on a
+        busy server can be sent again without risking a second run."""
+        run_id = f"manual__{datetime.now(UTC).isoformat()}_{secrets.token_hex(3)}"
+        self.request("POST", f"/dags/{dag_id}/dagRuns",
+                     {"dag_run_id": run_id, "logical_date": None, "conf": conf or {}}, retry=True)
+        return run_id
 
     def dag_run(self, dag_id: str, run_id: str) -> dict[str, Any]:
         return self.request("GET", f"/dags/{dag_id}/dagRuns/{run_id}")

@@ -10,23 +10,23 @@ each starts from the champion the one before left.
 
 from __future__ import annotations
 
-import os
+import contextlib
 import subprocess
 import time
 import urllib.parse
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from common import config, registry
-from tests.helpers import free_port
+from tests.helpers import STACK, embedded_stack, stack_env
 from tests.uci_synth import write_uci_file
 from tools.airflow_api import AirflowClient
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
-STACK = str(ROOT / "tools/stack.sh")
 DAG_ID = "power_lgbm_training"
 CFG = config.get(DAG_ID)
 ASSET = registry.model_asset_name(CFG.model_name)
@@ -35,28 +35,15 @@ SMALL = {"eval_weeks": 2, "validation_weeks": 2, "num_boost_round": 300}
 WEAKER = {**SMALL, "num_boost_round": 30}  # passes the gate (skill_mae ~0.26); SMALL beats it (mae ~0.396 < ~0.406)
 
 
-def stack_env(env: dict[str, str]) -> dict[str, str]:
-    """What `eval "$(tools/stack.sh env)"` gives a person's shell."""
-    out = subprocess.run(["bash", "-c", f'eval "$({STACK} env)" && env -0'], env=env, capture_output=True,
-                         check=True, timeout=60).stdout.decode()
-    return dict(item.split("=", 1) for item in out.split("\0") if "=" in item)
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    base = tmp_path_factory.mktemp("approval")
+@contextlib.contextmanager
+def power_approval_stack(base: Path, approval_timeout: float) -> Iterator[SimpleNamespace]:
+    """The embedded stack with the power workflow on a synthetic UCI mirror, unpaused, approval
+    timeout ``approval_timeout`` seconds; this process reads the stack's MLflow meanwhile."""
     mirror = base / "mirror"
     write_uci_file(mirror / "household_power" / "household_power_consumption.zip", days=200, seed=9)
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("MLFLOW_TRACKING_", "AIRFLOW", "DATA_MIRROR"))}
-    env.update({"VTM_HOME": str(base / "home"), "DATA_MIRROR": str(mirror),
-                "MLFLOW_PORT": str(free_port()), "AIRFLOW_PORT": str(free_port()),
-                "VENV": str(ROOT / ".venv"), "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
-                "AIRFLOW__SCHEDULER__TRIGGER_TIMEOUT_CHECK_INTERVAL": "5",
-                "VTM_APPROVAL_TIMEOUT_SECONDS": str(APPROVAL_TIMEOUT)})
-    try:
-        subprocess.run([STACK, "up"], env=env, check=True, timeout=600, capture_output=True, text=True)
-        shell = stack_env(env)
+    env = stack_env(base / "home", DATA_MIRROR=str(mirror), AIRFLOW__SCHEDULER__TRIGGER_TIMEOUT_CHECK_INTERVAL="5",
+                    VTM_APPROVAL_TIMEOUT_SECONDS=str(approval_timeout))
+    with embedded_stack(env) as shell:
         client = AirflowClient(shell["AIRFLOW__API__BASE_URL"], shell["AIRFLOW_API_USERNAME"],
                                shell["AIRFLOW_API_PASSWORD"])
         client.wait_for_dags([DAG_ID])
@@ -70,12 +57,16 @@ def stack(tmp_path_factory):
         for run in runs:
             client.request("PATCH", f"/dags/{DAG_ID}/dagRuns/{urllib.parse.quote(run['dag_run_id'])}",
                            {"state": "failed"})
-        with pytest.MonkeyPatch.context() as mp:  # this process reads the stack's MLflow too
+        with pytest.MonkeyPatch.context() as mp:
             for key in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
                 mp.setenv(key, shell[key])
             yield SimpleNamespace(env=env, shell=shell, client=client, state={})
-    finally:
-        subprocess.run([STACK, "down"], env=env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    with power_approval_stack(tmp_path_factory.mktemp("approval"), APPROVAL_TIMEOUT) as ns:
+        yield ns
 
 
 def hitl_path(run_id: str) -> str:

@@ -10,13 +10,9 @@ a screenshot and the page's HTML in the test's tmp dir (named in the failure).
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import time
 import urllib.parse
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -29,60 +25,20 @@ from tests.e2e.test_approval import (
     finish,
     hitl_path,
     model_version,
+    power_approval_stack,
     trigger_until_approval,
 )
-from tests.helpers import free_port
-from tests.uci_synth import write_uci_file
 from tools import browser
-from tools.airflow_api import AirflowClient
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]  # the stack's start, two trainings, the browser
 APPROVAL_TIMEOUT = 900  # seconds: nobody's answer should time out while the browser works
 REASON = "checked the plots in the browser"
-ROOT = Path(__file__).resolve().parents[2]
-STACK = str(ROOT / "tools/stack.sh")
-
-
-def stack_shell(env: dict[str, str]) -> dict[str, str]:
-    """What `eval "$(tools/stack.sh env)"` gives a person's shell."""
-    out = subprocess.run(["bash", "-c", f'eval "$({STACK} env)" && env -0'], env=env, capture_output=True,
-                         check=True, timeout=60).stdout.decode()
-    return dict(item.split("=", 1) for item in out.split("\0") if "=" in item)
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    base = tmp_path_factory.mktemp("approval_browser")
-    mirror = base / "mirror"
-    write_uci_file(mirror / "household_power" / "household_power_consumption.zip", days=200, seed=9)
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("MLFLOW_TRACKING_", "AIRFLOW", "DATA_MIRROR"))}
-    env.update({"VTM_HOME": str(base / "home"), "DATA_MIRROR": str(mirror),
-                "MLFLOW_PORT": str(free_port()), "AIRFLOW_PORT": str(free_port()),
-                "VENV": str(ROOT / ".venv"), "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
-                "AIRFLOW__SCHEDULER__TRIGGER_TIMEOUT_CHECK_INTERVAL": "5",
-                "VTM_APPROVAL_TIMEOUT_SECONDS": str(APPROVAL_TIMEOUT)})
-    try:
-        subprocess.run([STACK, "up"], env=env, check=True, timeout=600, capture_output=True, text=True)
-        shell = stack_shell(env)
-        client = AirflowClient(shell["AIRFLOW__API__BASE_URL"], shell["AIRFLOW_API_USERNAME"],
-                               shell["AIRFLOW_API_PASSWORD"])
-        client.wait_for_dags([DAG_ID])
-        client.unpause(DAG_ID)  # a triggered run of a paused DAG never starts
-        # Unpausing also creates the latest scheduled run: end it before it holds the DAG's one active run.
-        deadline = time.monotonic() + 120
-        while not (runs := client.request("GET", f"/dags/{DAG_ID}/dagRuns")["dag_runs"]):
-            assert time.monotonic() < deadline, "no scheduled run after unpausing"
-            time.sleep(2)
-        for run in runs:
-            client.request("PATCH", f"/dags/{DAG_ID}/dagRuns/{urllib.parse.quote(run['dag_run_id'])}",
-                           {"state": "failed"})
-        with pytest.MonkeyPatch.context() as mp:  # this process reads the stack's MLflow too
-            for key in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
-                mp.setenv(key, shell[key])
-            yield SimpleNamespace(shell=shell, client=client)
-    finally:
-        subprocess.run([STACK, "down"], env=env, timeout=300)
+    with power_approval_stack(tmp_path_factory.mktemp("approval_browser"), APPROVAL_TIMEOUT) as ns:
+        yield ns
 
 
 def markdown_table(body: str) -> list[list[str]]:

@@ -13,42 +13,18 @@ an environment variable). Then ``alerts.notify_message`` from a shell with the s
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import threading
 import time
 import urllib.request
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 
-from tests.helpers import free_port
+from tests.helpers import STACK, embedded_stack, http_receiver, stack_env
 from tools.airflow_api import AirflowClient
 
 pytestmark = pytest.mark.e2e
-ROOT = Path(__file__).resolve().parents[2]
 POWER, MNIST = "power_lgbm_training", "mnist_cnn_training"
-
-
-@pytest.fixture
-def receiver():
-    received: list[dict] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802 - http.server API
-            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(200)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}/alerts", received
-    server.shutdown()
 
 
 def wait_for(received: list[dict], run_ids: set[str], timeout: float) -> dict[str, dict]:
@@ -71,20 +47,11 @@ def ui_deadlines(client: AirflowClient, dag_id: str, run_id: str) -> list[dict]:
 
 
 @pytest.mark.timeout(900)
-def test_missed_deadline_notifies_the_webhook(tmp_path, receiver):
-    url, received = receiver
-    env = {**os.environ, "VTM_HOME": str(tmp_path / "home"), "MLFLOW_PORT": str(free_port()),
-           "AIRFLOW_PORT": str(free_port()), "VENV": str(ROOT / ".venv"), "VTM_DEADLINE_SECONDS": "5",
-           "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5"}
-    for name in ("MLFLOW_TRACKING_URI", "AIRFLOW_CONN_ALERTS_WEBHOOK", "AIRFLOW_CONN_ALERTS_SLACK",
-                 "AIRFLOW_CONN_ALERTS_SMTP"):
-        env.pop(name, None)
-    stack = str(ROOT / "tools/stack.sh")
-    try:
-        subprocess.run([stack, "up"], env=env, check=True, timeout=600, capture_output=True, text=True)
-        password = json.loads((tmp_path / "home/airflow/simple_auth_manager_passwords.json.generated")
-                              .read_text())["admin"]
-        client = AirflowClient(f"http://127.0.0.1:{env['AIRFLOW_PORT']}", "admin", password)
+def test_missed_deadline_notifies_the_webhook(tmp_path):
+    env = stack_env(tmp_path / "home", VTM_DEADLINE_SECONDS="5")
+    with http_receiver("/alerts") as (url, received), embedded_stack(env) as shell:
+        client = AirflowClient(shell["AIRFLOW__API__BASE_URL"], shell["AIRFLOW_API_USERNAME"],
+                               shell["AIRFLOW_API_PASSWORD"])
         client.request("POST", "/connections", {"connection_id": "alerts_webhook", "conn_type": "http",
                                                 "extra": json.dumps({"url": url})})
         client.wait_for_dags([POWER, MNIST])
@@ -111,9 +78,7 @@ def test_missed_deadline_notifies_the_webhook(tmp_path, receiver):
         # A shell with the stack's environment (python -m common.registry rollback's path).
         probe = ("from common import alerts; import json; "
                  "print(json.dumps(alerts.notify_message('drill', 'from a shell', source='e2e')))")
-        out = subprocess.run(["bash", "-c", f'eval "$({stack} env)" && exec python -c "$0"', probe],
+        out = subprocess.run(["bash", "-c", f'eval "$({STACK} env)" && exec python -c "$0"', probe],
                              env=env, check=True, timeout=120, capture_output=True, text=True)
         assert json.loads(out.stdout.strip().splitlines()[-1]) == ["alerts_webhook"]
         assert any(m.get("subject") == "drill" and m["extra"] == {"source": "e2e"} for m in received)
-    finally:
-        subprocess.run([stack, "down"], env=env, timeout=120)

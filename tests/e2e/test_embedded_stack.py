@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
 import subprocess
 import urllib.error
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import free_port
+from tests.helpers import stack_env
 from tests.image_synth import write_cifar_mirror, write_mnist_mirror
 from tests.uci_synth import write_uci_file
 
@@ -42,10 +41,8 @@ def test_demo_runs_every_workflow_and_leaves_both_uis_up(tmp_path):
     write_uci_file(mirror / "household_power" / "household_power_consumption.zip", days=200, seed=9)
     write_mnist_mirror(mirror)
     write_cifar_mirror(mirror)
-    mlflow_port, airflow_port = free_port(), free_port()
-    env = {**os.environ, "VTM_HOME": str(tmp_path / "home"), "DATA_MIRROR": str(mirror),
-           "MLFLOW_PORT": str(mlflow_port), "AIRFLOW_PORT": str(airflow_port),
-           "VENV": str(ROOT / ".venv"), "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5"}
+    env = stack_env(tmp_path / "home", DATA_MIRROR=str(mirror))
+    mlflow_port, airflow_port = env["MLFLOW_PORT"], env["AIRFLOW_PORT"]
     stack = str(ROOT / "tools/stack.sh")
     try:
         subprocess.run([stack, "up"], env=env, check=True, timeout=600, capture_output=True, text=True)

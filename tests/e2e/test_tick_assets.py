@@ -13,7 +13,6 @@ the REST API (POST /api/v2/assets/events) would skip the importer task, which is
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 from datetime import date, datetime
@@ -25,7 +24,7 @@ from common import config
 from scripts.tick import importer as tick_import
 from scripts.tick import lake as tick_lake
 from scripts.tick import simulate
-from tests.helpers import free_port
+from tests.helpers import stack_env
 from tests.test_tick_import import upstream_bundle
 from tools.airflow_api import AirflowClient
 
@@ -62,11 +61,7 @@ def test_importer_event_runs_the_tick_dag_for_that_day(tmp_path):
     (tmp_path / "drop").mkdir()
     drop = simulate.write_vendor_files(tmp_path / "drop", date(2026, 1, 7), 1)
     bundles = upstream_bundle(tmp_path / "upstream", UPSTREAM, drop, dags_folder=ROOT / "dags", synthetic=True)
-    env = {**os.environ, "VTM_HOME": str(tmp_path / "home"), "TICK_LAKE": str(lake),
-           "MLFLOW_PORT": str(free_port()), "AIRFLOW_PORT": str(free_port()),
-           "VENV": str(ROOT / ".venv"), "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
-           "AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST": bundles}
-    env.pop("MLFLOW_TRACKING_URI", None)
+    env = stack_env(tmp_path / "home", TICK_LAKE=str(lake), AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST=bundles)
     stack = str(ROOT / "tools/stack.sh")
     try:
         subprocess.run([stack, "up"], env=env, check=True, timeout=600, capture_output=True, text=True)

@@ -25,7 +25,7 @@ from types import SimpleNamespace
 import pytest
 
 from common import config
-from tests.helpers import free_port
+from tests.helpers import stack_env
 from tests.uci_synth import write_uci_file
 from tools.airflow_api import AirflowClient
 
@@ -88,11 +88,7 @@ def stack(tmp_path_factory):
     base = tmp_path_factory.mktemp("stack")
     mirror = base / "mirror"
     write_uci_file(mirror / "household_power" / "household_power_consumption.zip", days=200, seed=9)
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("MLFLOW_TRACKING_", "AIRFLOW", "DATA_MIRROR"))}
-    env.update({"VTM_HOME": str(base / "home"), "DATA_MIRROR": str(mirror),
-                "MLFLOW_PORT": str(free_port()), "AIRFLOW_PORT": str(free_port()),
-                "VENV": str(ROOT / ".venv"), "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5"})
+    env = stack_env(base / "home", DATA_MIRROR=str(mirror))
     ns = SimpleNamespace(env=env, home=base / "home", mirror=mirror,
                          mlflow=f"http://127.0.0.1:{env['MLFLOW_PORT']}",
                          airflow=f"http://127.0.0.1:{env['AIRFLOW_PORT']}")
