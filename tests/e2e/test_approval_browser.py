@@ -48,6 +48,26 @@ def markdown_table(body: str) -> list[list[str]]:
     return [row for row in rows if not all(set(cell) <= {"-"} and cell for cell in row)]
 
 
+def sign_in(page, username: str, password: str, attempts: int = 3) -> None:
+    """Fill the sign-in form and submit it. The login page may still be mounting when its inputs
+    first appear (seen in CI on a busy machine: the typed values were gone and "Sign in" stayed
+    disabled), so the form is filled again until the button is enabled."""
+    from playwright.sync_api import expect
+
+    page.wait_for_load_state("networkidle")
+    button = page.get_by_role("button", name="Sign in")
+    for attempt in range(1, attempts + 1):
+        page.locator("input[name=username]").fill(username)
+        page.locator("input[name=password]").fill(password)
+        try:
+            expect(button).to_be_enabled(timeout=10_000)
+            break
+        except AssertionError:
+            if attempt == attempts:
+                raise
+    button.click()
+
+
 def approve_in_browser(base_url: str, username: str, password: str, run_id: str, body: str,
                        shots: Path) -> None:
     """Sign in, check the form shows the body's score table, write the reason, click Approve."""
@@ -61,9 +81,7 @@ def approve_in_browser(base_url: str, username: str, password: str, run_id: str,
         try:
             page.goto(form)  # not signed in: the UI sends the person to its sign-in page first
             page.wait_for_url(re.compile(r"/auth/login"))
-            page.locator("input[name=username]").fill(username)
-            page.locator("input[name=password]").fill(password)
-            page.get_by_role("button", name="Sign in").click()
+            sign_in(page, username, password)
             page.wait_for_url(re.compile(r"/tasks/approve/required_actions$"))
             subject = body.split("**")[1]  # "power_lgbm vN"
             expect(page.get_by_text(f"Promote {subject} to champion?")).to_be_visible()
