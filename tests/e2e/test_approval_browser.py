@@ -54,7 +54,6 @@ def sign_in(page, username: str, password: str, attempts: int = 3) -> None:
     disabled), so the form is filled again until the button is enabled."""
     from playwright.sync_api import expect
 
-    page.wait_for_load_state("networkidle")
     button = page.get_by_role("button", name="Sign in")
     for attempt in range(1, attempts + 1):
         page.locator("input[name=username]").fill(username)
@@ -79,12 +78,16 @@ def approve_in_browser(base_url: str, username: str, password: str, run_id: str,
         page = chromium.new_page(viewport={"width": 1400, "height": 1000})
         page.set_default_timeout(60_000)  # 2 cores, shared with the stack's task processes
         try:
-            page.goto(form)  # not signed in: the UI sends the person to its sign-in page first
-            page.wait_for_url(re.compile(r"/auth/login"))
+            # Not signed in: the UI sends the person to its sign-in page first. Its redirects can
+            # abort the navigation Playwright waits on (CI: "net::ERR_ABORTED" from wait_for_url),
+            # so the test waits for what the person sees, not for navigation events.
+            page.goto(form, wait_until="commit")
+            expect(page.locator("input[name=username]")).to_be_visible()
+            assert "/auth/login" in page.url, page.url
             sign_in(page, username, password)
-            page.wait_for_url(re.compile(r"/tasks/approve/required_actions$"))
             subject = body.split("**")[1]  # "power_lgbm vN"
             expect(page.get_by_text(f"Promote {subject} to champion?")).to_be_visible()
+            assert page.url.endswith("/tasks/approve/required_actions"), page.url  # back on the form
             table = page.locator("table").filter(has_text="challenger")
             expect(table).to_be_visible()
             shown = [row.locator("th, td").all_inner_texts() for row in table.locator("tr").all()]
