@@ -155,18 +155,19 @@ class AirflowIdentity:
                 TAG_URL: self.airflow_url()}
 
 
+def tags_filter(tags: Mapping[str, str]) -> str:
+    """An MLflow search filter matching every tag of ``tags`` (runs and model versions alike)."""
+    return " AND ".join(f"tags.`{key}` = '{str(value).replace(chr(39), chr(92) + chr(39))}'"
+                        for key, value in tags.items())
+
+
 def find_task_run(experiment_ids: str | list[str], who: AirflowIdentity) -> str | None:
     """The MLflow run an earlier try of this very task opened, if any (in one experiment, or in
     any of several)."""
-    def quoted(value: str) -> str:
-        return value.replace("'", "\\'")
-
     runs = mlflow.search_runs(
         experiment_ids=[experiment_ids] if isinstance(experiment_ids, str) else experiment_ids,
         output_format="list", max_results=1,
-        filter_string=(f"tags.`{TAG_DAG_ID}` = '{quoted(who.dag_id)}' AND "
-                       f"tags.`{TAG_RUN_ID}` = '{quoted(who.run_id)}' AND "
-                       f"tags.`{TAG_TASK_ID}` = '{quoted(who.task_id)}'"),
+        filter_string=tags_filter({TAG_DAG_ID: who.dag_id, TAG_RUN_ID: who.run_id, TAG_TASK_ID: who.task_id}),
         order_by=["attributes.start_time DESC"],
     )
     return runs[0].info.run_id if runs else None

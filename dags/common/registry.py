@@ -178,11 +178,7 @@ def register_challenger(model_name: str, model_uri: str, run_id: str, tags: Mapp
 
 def versions_tagged(model_name: str, tags: Mapping[str, str]) -> list[ModelVersion]:
     """The versions of ``model_name`` that carry every tag of ``tags`` (e.g. one trade day's)."""
-    def quoted(value: str) -> str:
-        return "'" + str(value).replace("'", "''") + "'"
-
-    clauses = [f"name = {quoted(model_name)}", *(f"tags.`{key}` = {quoted(value)}" for key, value in tags.items())]
-    return list(configure().search_model_versions(" AND ".join(clauses)))
+    return list(configure().search_model_versions(f"name = '{model_name}' AND {mlflow_utils.tags_filter(tags)}"))
 
 
 def _create_version(client: MlflowClient, model_name: str, model_uri: str, run_id: str) -> str:
