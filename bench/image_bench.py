@@ -179,7 +179,7 @@ def main() -> int:
                 for seed in range(args.seed, args.seed + args.seeds):
                     cfg, result = train_once(arrays, dataset, framework, profile, device, seed, overrides(args))
                     run = {"dataset": dataset, "framework": framework, "profile": profile,
-                           "device": result.device, "seed": seed, "epochs": cfg.recipe.epochs,
+                           "device": result.device, "seed": seed, "epochs": cfg.recipe_on(result.device).epochs,
                            "test_accuracy": round(result.test_accuracy, 4),
                            "train_seconds": round(result.train_seconds, 3),
                            "images_per_second": round(result.images_per_second)}
@@ -189,7 +189,7 @@ def main() -> int:
                 warm = [r["train_seconds"] for r in runs[1:]]
                 row = {"dataset": dataset, "framework": framework, "profile": profile, "device": device,
                        "card": names[device], "epochs": runs[0]["epochs"], "seeds": len(runs),
-                       "batch_size": cfg.recipe.batch_size,
+                       "batch_size": cfg.recipe_on(runs[0]["device"]).batch_size,
                        "acc_mean": statistics.fmean(accuracies),
                        "acc_std": statistics.stdev(accuracies) if len(runs) > 1 else 0.0,
                        "acc_min": min(accuracies), "acc_max": max(accuracies),

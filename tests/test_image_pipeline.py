@@ -14,18 +14,37 @@ import pytest
 from common import config
 from scripts.core.errors import ParameterError
 from scripts.image import pipeline as image_pipeline
-from scripts.image.base import ImageArrays, Subset, TrainConfig, draw_subset
+from scripts.image.base import PROFILE_TABLE, ImageArrays, Subset, TrainConfig, draw_subset
 from tests.image_synth import learnable
 
 ROOT = Path(__file__).resolve().parents[1]
 MNIST = config.get("mnist_cnn_training")
 
 
+def test_the_profile_follows_the_device_and_the_run_overrides_both():
+    fast = PROFILE_TABLE["mnist"]["fast"]
+    assert fast.gpu is not None and (fast.gpu.epochs, fast.gpu.batch_size) != (fast.epochs, fast.batch_size)
+    cfg = TrainConfig("mnist", "fast")
+    assert cfg.recipe_on("cpu").batch_size == fast.batch_size and cfg.recipe == cfg.recipe_on("cpu")
+    assert (cfg.recipe_on("cuda").epochs, cfg.recipe_on("cuda").batch_size) == (fast.gpu.epochs, fast.gpu.batch_size)
+    assert TrainConfig("mnist", "fast", device="cuda").recipe.batch_size == fast.gpu.batch_size
+    # What the run logs is the profile it ran: the GPU's figures on a GPU, no nested profile.
+    assert TrainConfig("mnist", "fast").to_params("cuda")["recipe_batch_size"] == fast.gpu.batch_size
+    assert "recipe_gpu" not in TrainConfig("mnist", "fast").to_params("cuda")
+    # A run's own epochs and batch size hold on either device.
+    mine = TrainConfig("mnist", "fast", epochs=5, batch_size=64)
+    assert {(mine.recipe_on(d).epochs, mine.recipe_on(d).batch_size) for d in ("cpu", "cuda")} == {(5, 64)}
+    # Profiles without a GPU variant run the same everywhere.
+    assert TrainConfig("cifar10", "fast").recipe_on("cuda") == TrainConfig("cifar10", "fast").recipe_on("cpu")
+    assert image_pipeline.run_device(TrainConfig("mnist", "fast", device="cpu")) == "cpu"
+    assert image_pipeline.run_device(TrainConfig("mnist", "fast", framework="tensorflow")) == "cpu"
+
+
 def test_params_are_validated_and_typed():
     cfg = image_pipeline.train_config(MNIST, "mnist", {"profile": "fast", "epochs": "3", "learning_rate": "0.05",
                                                        "batch_size": None})
     assert (cfg.profile, cfg.epochs, cfg.learning_rate, cfg.recipe.epochs) == ("fast", 3, 0.05, 3)
-    assert cfg.recipe.batch_size == 256  # None means: the profile's
+    assert cfg.recipe.batch_size == PROFILE_TABLE["mnist"]["fast"].batch_size  # None means: the profile's
     with pytest.raises(ParameterError, match="epoch"):
         image_pipeline.train_config(MNIST, "mnist", {"epoch": 3})
     with pytest.raises(ParameterError, match="profile"):
@@ -108,7 +127,8 @@ def test_torch_smoke_learns_and_reports(digits):
     assert [e.epoch for e in seen] == [1, 2] and result.history == seen
     assert result.test_accuracy > 0.5
     assert result.predictions.shape == (200,) and result.device == "cpu"
-    assert result.images_per_second == pytest.approx(2 * 1000 / result.train_seconds)
+    # Whole batches of 32 only: 31 of them per epoch, the 8 images left over differ each epoch.
+    assert result.images_per_second == pytest.approx(2 * 31 * 32 / result.train_seconds)
     logits = result.model(__import__("torch").from_numpy(digits.x_test[:3].astype("float32")))
     assert tuple(logits.shape) == (3, 10)
 

@@ -242,7 +242,7 @@ def test_cifar_recipe_resumes_exactly_after_a_kill(tmp_path):
     x, y = learnable(200, (32, 32, 3), 3)
     xt, yt = learnable(100, (32, 32, 3), 4)
     arrays = ImageArrays(x, y.astype(np.int64), xt, yt.astype(np.int64), tuple("0123456789"))
-    # 5 epochs: the whitening bias freezes after the third, the lookahead runs throughout.
+    # 5 epochs: the whitening bias freezes after the third, the lookahead runs from the fourth.
     cfg = TrainConfig("cifar10", "smoke", epochs=5, batch_size=50)
 
     def die_after_fourth(epoch):

@@ -86,6 +86,17 @@ def trainer(framework: str) -> Trainer:
     return train_torch
 
 
+def run_device(settings: TrainConfig) -> str:
+    """Where the trainer will run ("cpu" or "cuda"): the profile can differ (``Profile.gpu``).
+    PyTorch resolves "auto" as its trainer does (and refuses "cuda" without a GPU here, before
+    any MLflow run opens); Keras runs the CPU's profile unless "cuda" is named."""
+    if settings.framework == "pytorch":
+        from scripts.image.torch_trainer import pick_device
+
+        return pick_device(settings.device).type
+    return "cuda" if settings.device == "cuda" else "cpu"
+
+
 def prepare(cfg: WorkflowConfig, dataset: str, params: Mapping[str, Any] | None,
             source: str | Path | None = None, out_root: Path | None = None) -> Snapshot:
     """Check the run's parameters first (what the Param schema cannot reject, an unknown key,
@@ -136,7 +147,8 @@ def train(cfg: WorkflowConfig, snapshot: Snapshot, params: Mapping[str, Any] | N
     import mlflow
 
     settings = train_config(cfg, snapshot["dataset"], params)
-    recipe = settings.recipe
+    device = run_device(settings)
+    recipe = settings.recipe_on(device)
     arrays = image_data.load_snapshot(snapshot["uri"])
     drawn = draw_subset(arrays, recipe, settings.seed)
     data = drawn.apply(arrays)
@@ -145,7 +157,7 @@ def train(cfg: WorkflowConfig, snapshot: Snapshot, params: Mapping[str, Any] | N
                                 "profile": settings.profile}) as run:
         progress.run_meta(mlflow_run_id=run.info.run_id)
         mlflow.set_tag("task_threads", str(task_threads))  # a tag: a retry may get another share
-        mlflow.log_params({**settings.to_params(), "snapshot_uri": snapshot["uri"]})
+        mlflow.log_params({**settings.to_params(device), "snapshot_uri": snapshot["uri"]})
         log.info("%s train: %s %s profile, %d epochs of batch %d, %d thread(s)", cfg.dag_id,
                  settings.framework, settings.profile, recipe.epochs, recipe.batch_size, task_threads)
         epochs = progress.Progress(f"{cfg.model_name} train", "epoch", recipe.epochs, every=1)
