@@ -11,8 +11,8 @@ images NHWC and returns logits. SGD + Nesterov momentum with a one-cycle learnin
 warm-up, linear decay to zero) over all steps, L2 weight decay on the kernels, label smoothing,
 test-time augmentation (flip) for CIFAR-10. Mixed precision (float16) only on a GPU. Batch norm
 runs TensorFlow's fused kernel (``FusedBatchNorm``): a saved model needs this module imported to
-load. MNIST fast profile on a 2-core CPU: 99.5 % test accuracy, ~10 s per epoch when the CPU is
-not shared.
+load. MNIST fast profile on the 2-core CPU: 99.45 % test accuracy in 2 epochs of about 41 s each
+(docs/performance.md; TensorFlow's CPU kernels are slower here than PyTorch's).
 
 Order per epoch: train -> evaluate -> checkpoint -> ``on_epoch``; so when ``on_epoch`` (or the
 process) dies after epoch k, epoch k is already safe on disk and a rerun with the same
