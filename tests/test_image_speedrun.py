@@ -231,6 +231,22 @@ def test_the_cifar_recipe_uses_every_component():
     assert not mnist.flip and mnist.tta_level == 0  # digits are not mirror-symmetric
 
 
+def test_the_quality_group_is_a_residual_block():
+    """depth 3: conv - pool - BN - GELU = x0, then conv - BN - GELU - conv - BN added to x0 and GELU
+    after the sum. With the block's two convs silenced its output is GELU(x0) exactly."""
+    group = image_torch.ConvGroup(4, 6, depth=3).eval()
+    with torch.no_grad():
+        for conv in group.convs[1:]:
+            conv.weight.zero_()
+        x = torch.randn(2, 4, 8, 8)
+        x0 = F.gelu(group.norms[0](F.max_pool2d(group.convs[0](x), 2)))
+        assert torch.allclose(group(x), F.gelu(x0))
+        two = image_torch.ConvGroup(4, 6, depth=2).eval()
+        assert two(x).shape == group(x).shape == (2, 6, 4, 4)
+    with pytest.raises(ValueError, match="depth"):
+        image_torch.ConvGroup(4, 6, depth=4)
+
+
 def test_cifar_recipe_resumes_exactly_after_a_kill(tmp_path):
     """Lookahead, alternating flips, the whitening bias's freeze and the schedule all pick up where
     the killed run stopped: the resumed run ends on the same predictions as an uninterrupted one."""
