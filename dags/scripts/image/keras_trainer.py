@@ -126,8 +126,11 @@ class FusedBatchNorm(layers.BatchNormalization):
         return tf.cast(outputs, self.compute_dtype)
 
 
-def _conv_bn(x, filters: int, activation: str):
+def _conv_bn(x, filters: int, activation: str, pool: bool = False):
+    """conv - [max-pool] - batch norm - activation; pooled before the norm: a quarter of its work."""
     x = layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
+    if pool:
+        x = layers.MaxPooling2D()(x)
     x = FusedBatchNorm(momentum=0.9, epsilon=1e-5)(x)
     return layers.Activation(activation)(x)
 
@@ -140,11 +143,7 @@ def mnist_net(shape: tuple[int, ...], classes: int, mean: np.ndarray, std: np.nd
     inputs = keras.Input(shape, name="images")
     x = layers.Normalization(mean=mean, variance=np.square(std), name="normalise")(inputs)
     for i, width in enumerate(widths):
-        x = layers.Conv2D(width, 3, padding="same", use_bias=False)(x)
-        if i < len(widths) - 1:
-            x = layers.MaxPooling2D()(x)  # pooled before the norm: a quarter of its work
-        x = FusedBatchNorm(momentum=0.9, epsilon=1e-5)(x)
-        x = layers.Activation("relu")(x)
+        x = _conv_bn(x, width, "relu", pool=i < len(widths) - 1)
     x = layers.GlobalMaxPooling2D()(x)
     outputs = layers.Dense(classes, dtype="float32", name="logits")(x)
     return keras.Model(inputs, outputs, name="mnist_net")
@@ -157,10 +156,7 @@ def cifar_net(shape: tuple[int, ...], classes: int, mean: np.ndarray, std: np.nd
     x = layers.Normalization(mean=mean, variance=np.square(std), name="normalise")(inputs)
     x = _conv_bn(x, 32, "gelu")
     for width in widths:
-        x = layers.Conv2D(width, 3, padding="same", use_bias=False)(x)
-        x = layers.MaxPooling2D()(x)
-        x = FusedBatchNorm(momentum=0.9, epsilon=1e-5)(x)
-        x = layers.Activation("gelu")(x)
+        x = _conv_bn(x, width, "gelu", pool=True)
         x = _conv_bn(x, width, "gelu")
     x = layers.GlobalMaxPooling2D()(x)
     x = layers.Dense(classes, use_bias=False, dtype="float32")(x)
