@@ -22,7 +22,7 @@ $(STAMP): requirements-airflow.txt requirements-dev.txt constraints-airflow.txt
 	$(BIN)/python -m pip check
 	touch $@
 
-# A headless Chromium for the browser test (tests/e2e/test_approval_browser.py): pinned Debian
+# A headless Chromium for the browser test (tests/e2e/test_approval.py::test_approve_in_a_real_browser_promotes): pinned Debian
 # packages, sha256-checked, unpacked into $(VENV)/browser by tools/browser.py (~105 MB, no root).
 browser: $(VENV)/browser/.installed
 
@@ -38,8 +38,12 @@ demo: up
 down:
 	tools/stack.sh down
 
+# Two workers (pytest-xdist), each taking a whole test module at a time, heaviest first
+# (tests/conftest.py orders them): the e2e stacks mostly wait on each other's processes, so two
+# fit 2 cores. It ends with the 15 slowest tests and the suite's wall time: the budget is 25
+# minutes of pytest (docs/performance.md, "The test suite").
 test: venv lint browser
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder --durations=15
 
 test-fast: venv
 	$(BIN)/python -m pytest -m "not e2e"

@@ -96,18 +96,34 @@ def real_power_zip() -> Path:
 _RELIABILITY_ROWS: dict[str, dict[str, str]] = {}
 
 
+def _reliability_row(marker) -> dict[str, str]:
+    return {**{k: str(v) for k, v in marker.kwargs.items()}, "outcome": "not run"}
+
+
 def pytest_collection_modifyitems(items) -> None:
     for item in items:
         marker = item.get_closest_marker("reliability")
         if marker is not None:
-            _RELIABILITY_ROWS[item.nodeid] = {**{k: str(v) for k, v in marker.kwargs.items()},
-                                              "outcome": "not run"}
+            _RELIABILITY_ROWS[item.nodeid] = _reliability_row(marker)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    # Under pytest-xdist (make test) the workers collect and run the tests while the controller
+    # prints the table: each report carries its case's columns to the controller.
+    outcome = yield
+    marker = item.get_closest_marker("reliability")
+    if marker is not None:
+        outcome.get_result().user_properties.append(("reliability", _reliability_row(marker)))
 
 
 def pytest_runtest_logreport(report) -> None:
     row = _RELIABILITY_ROWS.get(report.nodeid)
     if row is None:
-        return
+        carried = dict(report.user_properties).get("reliability")
+        if carried is None:
+            return
+        row = _RELIABILITY_ROWS.setdefault(report.nodeid, dict(carried))
     if report.failed:
         row["outcome"] = f"FAILED ({report.when})"
     elif report.skipped:

@@ -1,4 +1,4 @@
-"""A real headless Chromium for the UI tests (tests/e2e/test_approval_browser.py), from pinned
+"""A real headless Chromium for the UI tests (tests/e2e/test_approval.py::test_approve_in_a_real_browser_promotes), from pinned
 Debian packages, installed into the project's own environment.
 
 Playwright (pinned in requirements-dev.txt) drives the browser, but its own browser download comes

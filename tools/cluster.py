@@ -417,7 +417,10 @@ class Cluster:
         env = self.airflow_env()
         airflow = str(VENV_BIN / "airflow")
         self.api_proc = self._start("api-server", [airflow, "api-server"], env)
-        self._start("scheduler", [airflow, "scheduler", "--skip-serve-logs"], env)
+        # Airflow's scheduler behind the guard against a lost approval (dags/common/scheduler_guard.py).
+        self._start("scheduler", [str(VENV_BIN / "python"), "-m", "common.scheduler_guard", "scheduler",
+                                  "--skip-serve-logs"],
+                    {**env, "PYTHONPATH": os.pathsep.join([str(ROOT / "dags"), env["PYTHONPATH"]])})
         self._start("dag-processor", [airflow, "dag-processor"], env)
         for spec in self.workers:
             self._start(spec.service, [

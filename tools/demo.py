@@ -78,17 +78,18 @@ def present_workflows() -> list[config.WorkflowConfig]:
 SEEDED_TICK_DAYS: list = []  # the trade days prepare_inputs put in the lake
 
 
-def prepare_inputs(workflows: list[config.WorkflowConfig]) -> dict[str, dict]:
+def prepare_inputs(workflows: list[config.WorkflowConfig], tick_days: int = 4) -> dict[str, dict]:
     """What each workflow needs before its trigger, and the conf to trigger it with.
 
     The tick DAG waits for trade partitions it never writes: as the upstream importer would, fill
-    the lake from DATA_MIRROR/ticks (real trades) or with simulated days, and run the last day.
+    the lake from DATA_MIRROR/ticks (real trades) or with ``tick_days`` simulated days (the
+    first only builds features; each later one trains on the days before it), and run them.
     """
     confs = {cfg.dag_id: dict(DEMO[cfg.dag_id].conf) for cfg in workflows}
     if "tick_model_training" in confs:
         from scripts.tick import importer as tick_import
 
-        days = tick_import.seed(paths.tick_lake(), paths.data_mirror())
+        days = tick_import.seed(paths.tick_lake(), paths.data_mirror(), simulate_days=tick_days)
         SEEDED_TICK_DAYS[:] = days
         print(f"tick lake {paths.tick_lake()}: trade days {[d.isoformat() for d in days]}", flush=True)
         confs["tick_model_training"]["trade_date"] = days[-1].isoformat()
@@ -247,6 +248,9 @@ def print_table(rows: list[dict[str, str]]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--timeout", type=float, default=3600, help="seconds to wait for the runs")
+    parser.add_argument("--tick-days", type=int, default=4,
+                        help="simulated trading days for the tick workflow when DATA_MIRROR has no trades "
+                             "(at least 2: the last trains on the days before it)")
     args = parser.parse_args(argv)
     os.umask(0o077)  # it writes under VTM_HOME (the tick lake): private, like everything the stack writes
     airflow_home = Path(os.environ["AIRFLOW_HOME"])
@@ -254,7 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     client = AirflowClient(base_url, "admin", admin_password(airflow_home))
     workflows = present_workflows()
     client.wait_for_dags([cfg.dag_id for cfg in workflows])
-    confs = prepare_inputs(workflows)
+    if args.tick_days < 2:
+        parser.error("--tick-days must be at least 2 (the last day trains on the days before it)")
+    confs = prepare_inputs(workflows, args.tick_days)
     runs = {}
     for cfg in workflows:
         # Unpausing also lets the scheduler create the latest scheduled run (catchup is off); it

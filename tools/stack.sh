@@ -119,6 +119,7 @@ proc_stat() {  # pid -> "STATE PPID PGRP SID STARTTIME" (empty when gone)
 part_pattern() {  # the part's program as its command line shows it (api-server retitles itself)
   case $1 in
     mlflow) echo '*bin/mlflow server *' ;;
+    scheduler) echo '*-m common.scheduler_guard scheduler*' ;;  # Airflow's, behind the project's guard
     api-server) echo '*airflow api[-_]server*' ;;
     *) echo "*bin/airflow $1*" ;;
   esac
@@ -245,7 +246,7 @@ start_part() {
         "$MLFLOW_PORT" "$MLFLOW_ADMIN" "$password"
       AIRFLOW_CONN_MLFLOW_DEFAULT=$conn MLFLOW_TRACKING_URI=http://127.0.0.1:$MLFLOW_PORT \
       MLFLOW_TRACKING_USERNAME=$MLFLOW_ADMIN MLFLOW_TRACKING_PASSWORD=$password \
-        launch scheduler airflow scheduler --skip-serve-logs ;;
+        launch scheduler python -m common.scheduler_guard scheduler --skip-serve-logs ;;
     # The four parts `airflow standalone` runs, started here so that nothing listens beyond
     # 127.0.0.1: standalone's scheduler and triggerer also start log servers bound to every
     # interface, which the embedded stack does not need (all logs are local files).

@@ -15,6 +15,7 @@ imported inside the tasks.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from airflow.providers.standard.operators.hitl import HITLOperator
@@ -43,6 +44,24 @@ def _pull(key: str) -> str:
     return f"{{{{ ti.xcom_pull(task_ids='{REGISTER_TASK_ID}')['{key}'] }}}}"
 
 
+def approval_operator(subject: str, body: str, response_timeout: timedelta,
+                      task_id: str = "approve") -> HITLOperator:
+    """The form a person answers: Approve/Reject with a reason; no answer within
+    ``response_timeout`` is a Reject. Every workflow's approval step is this operator
+    (tests/e2e/approval_dags.py runs the same one in its race and timeout checks)."""
+    return HITLOperator(
+        task_id=task_id,
+        subject=subject,
+        body=body,
+        options=[APPROVE, REJECT],
+        defaults=[REJECT],  # no answer within the timeout is a rejection
+        params={"reason": Param("", type="string", title="Reason",
+                                description="Why (written on the model version with your name)")},
+        response_timeout=response_timeout,
+        notifiers=alerts.notifiers(),  # tells people a decision waits (links to the form)
+    )
+
+
 # prefix_group_id=False: the task ids stay `awaits_approval`, `approve` and `promote`, so the
 # UI's form URL, the REST API calls and the docs name them the same in every workflow.
 @task_group(group_id="approval", prefix_group_id=False)
@@ -55,16 +74,10 @@ def approval_step(cfg: WorkflowConfig, decision: XComArg) -> None:
         """True only when register left the challenger waiting for approval (no auto_promote)."""
         return decision["decision"] == "pending_approval"
 
-    approve = HITLOperator(
-        task_id="approve",
+    approve = approval_operator(
         subject=f"Promote {cfg.model_name} v{_pull('version')} to champion?",
         body=_pull("approval_body"),
-        options=[APPROVE, REJECT],
-        defaults=[REJECT],  # no answer within the timeout is a rejection
-        params={"reason": Param("", type="string", title="Reason",
-                                description="Why (written on the model version with your name)")},
         response_timeout=cfg.approval_response_timeout(),
-        notifiers=alerts.notifiers(),  # tells people a decision waits (links to the form)
     )
 
     # One slot shared by every workflow (as register): promotions never race.

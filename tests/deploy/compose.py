@@ -78,9 +78,14 @@ def unescape(text: str) -> str:
     return text.replace("$$", "$")
 
 
+SCHEDULER_GUARD = ["python", "-m", "common.scheduler_guard"]  # runs `airflow <args>` behind the guard
+
+
 def command(service: dict[str, Any]) -> list[str]:
+    """The service's command as Airflow's CLI sees it (the scheduler guard's prefix dropped)."""
     cmd = service.get("command") or []
-    return shlex.split(cmd) if isinstance(cmd, str) else list(cmd)
+    args = shlex.split(cmd) if isinstance(cmd, str) else list(cmd)
+    return args[len(SCHEDULER_GUARD):] if args[:len(SCHEDULER_GUARD)] == SCHEDULER_GUARD else args
 
 
 def flag(args: list[str], name: str) -> str | None:

@@ -46,7 +46,7 @@ def test_demo_runs_every_workflow_and_leaves_both_uis_up(tmp_path):
     stack = str(ROOT / "tools/stack.sh")
     try:
         subprocess.run([stack, "up"], env=env, check=True, timeout=600, capture_output=True, text=True)
-        demo = subprocess.run(["bash", "-c", f'eval "$({stack} env)" && python tools/demo.py --timeout 900'],
+        demo = subprocess.run(["bash", "-c", f'eval "$({stack} env)" && python tools/demo.py --timeout 900 --tick-days 2'],
                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
         assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
         row = next(line for line in demo.stdout.splitlines() if line.startswith("power_lgbm_training"))
@@ -58,12 +58,12 @@ def test_demo_runs_every_workflow_and_leaves_both_uis_up(tmp_path):
         assert re.search(r"power_lgbm v(\d+) .*champion.* v\1 ", row), row
         assert "auto_promote=true (demo conf)" in row
         assert f"http://127.0.0.1:{mlflow_port}/#/experiments/" in row
-        # No ticks in this mirror: the demo fills the lake with simulated days, flagged synthetic,
-        # and runs the last one (trained on the days before it).
+        # No ticks in this mirror: the demo fills the lake with simulated days (two here, the
+        # fewest that train: the second on the first), flagged synthetic, and runs them.
         tick = next(line for line in demo.stdout.splitlines() if line.startswith("tick_model_training"))
         assert " success " in tick and "rmse_log_rv=" in tick and "har_rmse_log_rv=" in tick
         assert "tick_model v" in tick
-        assert "tick lake " in demo.stdout and "trade days" in demo.stdout
+        assert "tick lake " in demo.stdout and "trade days ['2026-01-05', '2026-01-06']" in demo.stdout
         for dag_id in ("mnist_cnn_training", "cifar10_cnn_training"):
             cnn = next(line for line in demo.stdout.splitlines() if line.startswith(dag_id))
             assert " success " in cnn and "test_accuracy=" in cnn and "smoke profile" in cnn
