@@ -197,6 +197,29 @@ def test_cli_reject_and_rollback(model_name, mlflow_server):
     assert "asset event NOT emitted" in back.stdout  # no AIRFLOW_API_* in this environment
 
 
+def test_rollback_to_a_version_the_gate_rejected_needs_force_and_is_recorded(model_name, mlflow_server):
+    _, first = challenger(model_name, GOOD, None, None, auto_promote=True)
+    _, bad = challenger(model_name, {"mae": 0.9, "skill_mae": 0.01}, first.version, 0.5, auto_promote=True)
+    assert bad.decision == registry.REJECTED and tags(model_name, bad.version)["decided_by"] == "gate"
+    with pytest.raises(registry.RegistryUserError, match=rf"v{bad.version} was rejected by the gate.*--force"):
+        registry.rollback(model_name, "erin", "try it", to=bad.version)
+    refused = registry_cli("rollback", model_name, "--to", bad.version, "--by", "erin", "--reason", "x",
+                           uri=mlflow_server)
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert refused.stderr.startswith("error: ") and "--force" in refused.stderr
+    assert champion(model_name) == first.version and "restored_by" not in tags(model_name, bad.version)
+
+    forced = registry_cli("rollback", model_name, "--to", bad.version, "--force", "--by", "erin",
+                          "--reason", "the new feature store broke v1", uri=mlflow_server)
+    assert forced.returncode == 0, forced.stderr
+    assert champion(model_name) == bad.version
+    t = tags(model_name, bad.version)
+    assert (t["decision"], t["decided_by"]) == ("forced_champion", "erin")
+    assert t["decision_reason"].startswith(f"forced rollback to v{bad.version} by erin past the gate's rejection")
+    assert "the new feature store broke v1" in t["decision_reason"] and t["restored_by"] == "erin"
+    assert tags(model_name, first.version)["decision"] == "rolled_back"
+
+
 @pytest.mark.parametrize("dag_file", sorted((ROOT / "dags").glob("*_training.py")), ids=lambda p: p.stem)
 def test_every_dag_asks_for_approval_after_register(dag_file):
     from airflow.dag_processing.dagbag import DagBag

@@ -33,7 +33,7 @@ CLI (from dags/):
     python -m common.registry pending [MODEL]            # versions waiting for approval, with metrics
     python -m common.registry approve MODEL VERSION --by NAME [--reason TEXT]
     python -m common.registry reject MODEL VERSION --by NAME [--reason TEXT]
-    python -m common.registry rollback MODEL [--to VERSION] --by NAME --reason TEXT
+    python -m common.registry rollback MODEL [--to VERSION [--force]] --by NAME --reason TEXT
 
 A mistake of the person at the keyboard (no such version, a version not waiting for approval) is
 one line ``error: ...`` on stderr and exit code 2; anything unexpected keeps its traceback.
@@ -75,6 +75,7 @@ log = logging.getLogger(__name__)
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 PROMOTED, REJECTED, PENDING = "promoted", "rejected", "pending_approval"
+FORCED_CHAMPION = "forced_champion"  # a version the gate rejected, made champion by rollback --force
 NO_CHAMPION = "none"
 TAG_DECISION, TAG_REASON = "decision", "decision_reason"
 TAG_EVALUATED_AGAINST = "evaluated_against_champion"
@@ -735,9 +736,11 @@ def _previous_champion(client: MlflowClient, model_name: str, current: ModelVers
     return str(max(int(mv.version) for mv in earlier)) if earlier else None
 
 
-def rollback(model_name: str, by: str, reason: str, to: str | None = None) -> Decision:
+def rollback(model_name: str, by: str, reason: str, to: str | None = None, force: bool = False) -> Decision:
     """Move ``champion`` back to the champion before the current one (or to version ``to``),
-    under the promotion lock; who and why are written on both versions."""
+    under the promotion lock; who and why are written on both versions. A version the gate
+    rejected is refused unless ``force``; a forced rollback is recorded on it as a decision
+    (``decision=forced_champion``, who, why and the gate's reason)."""
     if not by.strip() or not reason.strip():
         raise RegistryUserError("a rollback needs who (--by) and why (--reason)")
     client = configure()
@@ -752,9 +755,21 @@ def rollback(model_name: str, by: str, reason: str, to: str | None = None) -> De
         restored = _version(client, model_name, target)
         if restored.version == champion.version:
             raise RegistryUserError(f"{model_name} v{target} is already the champion")
+        restored_tags = restored.tags or {}
+        gate_rejected = (restored_tags.get(TAG_DECISION) == REJECTED
+                         and restored_tags.get(TAG_DECIDED_BY) == BY_GATE)
+        if gate_rejected and not force:
+            raise RegistryUserError(
+                f"{model_name} v{target} was rejected by the gate ({restored_tags.get(TAG_GATE_REASON, '?')}); "
+                "pass --force to make it champion anyway (recorded on the version)")
         now = datetime.now(UTC).isoformat()
         note = f"rolled back to v{target} by {by}: {reason.strip()}"
         client.set_registered_model_alias(model_name, CHAMPION, target)
+        if gate_rejected:
+            forced = (f"forced rollback to v{target} by {by} past the gate's rejection "
+                      f"({restored_tags.get(TAG_GATE_REASON, '?')}): {reason.strip()}")
+            for key, value in {TAG_DECISION: FORCED_CHAMPION, TAG_REASON: forced, TAG_DECIDED_BY: by}.items():
+                client.set_model_version_tag(model_name, target, key, value)
         for key, value in {TAG_DECISION: ROLLED_BACK, TAG_REASON: note, TAG_DECIDED_BY: by,
                            "rolled_back_at": now}.items():
             client.set_model_version_tag(model_name, champion.version, key, value)
@@ -885,13 +900,15 @@ def main(argv: list[str] | None = None) -> int:
     back.add_argument("--to", help="this version instead of the champion before the current one")
     back.add_argument("--by", required=True, help="who rolls back (recorded on both versions)")
     back.add_argument("--reason", required=True, help="why (recorded on both versions)")
+    back.add_argument("--force", action="store_true",
+                      help="allow a --to version the gate rejected (recorded on it as a decision)")
     args = parser.parse_args(argv)
     try:
         if args.command == "pending":
             _print_pending(pending(args.model))
             return 0
         if args.command == "rollback":
-            decision = rollback(args.model, args.by, args.reason, to=args.to)
+            decision = rollback(args.model, args.by, args.reason, to=args.to, force=args.force)
             print(decision.to_dict())
             extra = champion_event(args.model, decision) or {}
             print(emit_asset_event(args.model, {**extra, "decided_by": args.by, "reason": args.reason}))
