@@ -100,7 +100,32 @@ def _reliability_row(marker) -> dict[str, str]:
     return {**{k: str(v) for k, v in marker.kwargs.items()}, "outcome": "not run"}
 
 
+# `make test` runs two pytest-xdist workers, each taking a whole module at a time in collection
+# order (--dist loadfile --no-loadscope-reorder). The modules that start servers and run DAGs
+# come first, the longest first, so that the two workers end together: a long module handed out
+# last would leave the other worker idle (pytest --durations at the end of `make test` says how
+# long each took; reorder when that changes). Every other module keeps its place after them.
+HEAVIEST_FIRST = (
+    "tests/e2e/test_embedded_stack.py",
+    "tests/e2e/test_approval.py",
+    "tests/e2e/test_tick_backfill.py",
+    "tests/e2e/test_celery_cluster.py",
+    "tests/reliability/test_stack.py",
+    "tests/e2e/test_power_dag.py",
+    "tests/e2e/test_tick_assets.py",
+    "tests/e2e/test_image_dags.py",
+    "tests/e2e/test_deadlines.py",
+    "tests/e2e/test_tick_dag.py",
+)
+
+
+def _module_rank(item) -> int:
+    path = item.nodeid.split("::", 1)[0]
+    return HEAVIEST_FIRST.index(path) if path in HEAVIEST_FIRST else len(HEAVIEST_FIRST)
+
+
 def pytest_collection_modifyitems(items) -> None:
+    items.sort(key=_module_rank)  # stable: a module's tests keep their order
     for item in items:
         marker = item.get_closest_marker("reliability")
         if marker is not None:
