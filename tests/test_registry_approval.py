@@ -197,6 +197,9 @@ def test_cli_reject_and_rollback(model_name, mlflow_server):
     assert "asset event NOT emitted" in back.stdout  # no AIRFLOW_API_* in this environment
 
 
+@pytest.mark.reliability(case="8.2 rollback to a gate-rejected version",
+                         fault="rollback --to a version the gate rejected",
+                         survives="refused in one line unless --force; a forced one is recorded on the version")
 def test_rollback_to_a_version_the_gate_rejected_needs_force_and_is_recorded(model_name, mlflow_server):
     _, first = challenger(model_name, GOOD, None, None, auto_promote=True)
     _, bad = challenger(model_name, {"mae": 0.9, "skill_mae": 0.01}, first.version, 0.5, auto_promote=True)
