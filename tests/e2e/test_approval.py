@@ -18,9 +18,11 @@ import contextlib
 import json
 import re
 import subprocess
+import threading
 import time
 import urllib.parse
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -30,7 +32,7 @@ from common import config, registry
 from tests.helpers import STACK, embedded_stack, stack_env
 from tests.uci_synth import write_uci_file
 from tools import browser
-from tools.airflow_api import AirflowClient
+from tools.airflow_api import AirflowApiError, AirflowClient
 
 # The stack's start, 20 runs of the form, four trainings and the browser.
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
@@ -135,7 +137,7 @@ def asset_events(client: AirflowClient) -> list[dict]:
 def test_an_answer_the_instant_the_form_opens_is_applied_every_time(stack):
     """Twenty runs of the approval form, each answered the moment it waits. Airflow 3.3.2 loses
     some of these answers (the scheduler fails the resumed attempt and the retry opens the form
-    again, empty; common/scheduler_guard.py). Every answer must be applied on the first try."""
+    again, empty; common/airflow_guard.py). Every answer must be applied on the first try."""
     client = stack.client
     runs = {client.trigger(RACE_DAG, {}) for _ in range(RACES)}
     answers: dict[str, int] = {}  # run id -> times its form was answered
@@ -165,6 +167,45 @@ def test_an_answer_the_instant_the_form_opens_is_applied_every_time(stack):
         result = client.xcom(RACE_DAG, run_id, "approve")
         assert result["chosen_options"] == ["Approve"] and result["params_input"]["reason"] == f"race {run_id}"
         assert result["responded_by_user"]["name"] == "admin"
+
+
+def answer_together(client: AirflowClient, run_id: str, options: tuple[str, ...]) -> dict[str, int]:
+    """PATCH one answer per option to the race DAG's form at the same instant (one thread each);
+    the HTTP status each got."""
+    barrier = threading.Barrier(len(options))
+
+    def answer(option: str) -> int:
+        barrier.wait()
+        try:
+            client.request("PATCH", hitl_path(run_id, RACE_DAG),
+                           {"chosen_options": [option], "params_input": {"reason": option}})
+            return 200
+        except AirflowApiError as exc:
+            return int(re.search(r"HTTP (\d+)", str(exc)).group(1))
+
+    with ThreadPoolExecutor(len(options)) as pool:
+        return dict(zip(options, pool.map(answer, options), strict=True))
+
+
+@pytest.mark.reliability(case="8.3 two answers at once",
+                         fault="Approve and Reject sent to one waiting form at the same instant, five times",
+                         survives="one is applied, the other refused with 409; the result says which")
+def test_two_answers_at_once_one_is_applied_the_other_refused(stack):
+    client = stack.client
+    runs = [client.trigger(RACE_DAG, {}) for _ in range(5)]
+    for run_id in runs:
+        deadline = time.monotonic() + 600
+        while not any(t["state"] == "awaiting_input" for t in client.task_instances(RACE_DAG, run_id)):
+            assert time.monotonic() < deadline, f"{run_id}: the form never waited"
+            time.sleep(0.5)
+        codes = answer_together(client, run_id, ("Approve", "Reject"))
+        assert sorted(codes.values()) == [200, 409], (run_id, codes)
+        (winner,) = [option for option, code in codes.items() if code == 200]
+        final = client.wait_for_runs({RACE_DAG: run_id}, timeout=600)[RACE_DAG]
+        (ti,) = client.task_instances(RACE_DAG, run_id)
+        assert final["state"] == "success" and ti["try_number"] == 1, (final, ti)
+        result = client.xcom(RACE_DAG, run_id, "approve")
+        assert result["chosen_options"] == [winner] and result["params_input"]["reason"] == winner
 
 
 def test_no_answer_in_time_is_a_rejection_by_nobody(stack):

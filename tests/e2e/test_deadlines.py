@@ -1,5 +1,5 @@
 """A missed deadline fires the notifiers, on the real embedded stack (tools/stack.sh: scheduler,
-dag-processor, api-server, triggerer; LocalExecutor, SQLite) against a real HTTP receiver on
+dag-processor, api-server, triggerer; LocalExecutor, PostgreSQL) against a real HTTP receiver on
 127.0.0.1.
 
 The DAGs are parsed with ``VTM_DEADLINE_SECONDS=5`` (every workflow's deadline shortened to 5 s) and

@@ -1,5 +1,5 @@
-"""`make demo`'s path for real: tools/stack.sh starts MLflow and Airflow (api-server, scheduler,
-dag-processor, triggerer; LocalExecutor, SQLite) on free 127.0.0.1 ports, tools/demo.py unpauses
+"""`make demo`'s path for real: tools/stack.sh starts PostgreSQL, MLflow and Airflow (api-server,
+scheduler, dag-processor, triggerer; LocalExecutor) on free 127.0.0.1 ports, tools/demo.py unpauses
 and triggers every workflow through the REST API and prints the table, login works with the
 generated password only (printed nowhere: the demo says where it is), MLflow asks for its
 login, and `down` stops everything it started."""

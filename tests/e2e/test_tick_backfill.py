@@ -46,9 +46,8 @@ def wait_backfills_completed(client: AirflowClient, timeout: float = 300) -> Non
         time.sleep(3)
 
 
-# Longer than the suite's 900 s: on SQLite a backfill creation that hits "database is locked"
-# leaves an orphan the scheduler clears only after 2 minutes (tools/backfill.py), and the
-# reprocessing creation has been seen to hit it several times in a row on a busy 2-core machine.
+# Longer than the suite's 900 s: two backfills of two days each, each run a full tick workflow,
+# on a busy 2-core machine beside the other worker's tests.
 @pytest.mark.timeout(2100)
 def test_backfill_rebuilds_each_day_once(tmp_path):
     lake = tmp_path / "lake"
@@ -89,9 +88,7 @@ def test_backfill_rebuilds_each_day_once(tmp_path):
         trained = client.xcom(DAG_ID, by_day["2026-01-06"], "train")
         assert trained["train_days"] == ["2026-01-05"]
 
-        # Reprocessing re-runs the same two runs (cleared: a later try of every task). Usually the
-        # second try; a third when a creation attempt cleared the runs and then hit SQLite's lock
-        # (tools/backfill.py retries it, and the retry clears them again).
+        # Reprocessing re-runs the same two runs (cleared: a later try of every task).
         backfill("--reprocess-behavior", "completed")
         wait_backfills_completed(client, timeout=900)
         rerun = backfill_runs(client)

@@ -104,7 +104,7 @@ def stack(tmp_path_factory):
 def secrets_of(stack: SimpleNamespace) -> dict[str, str]:
     found = {"airflow admin password": json.loads(
         (stack.home / "airflow/simple_auth_manager_passwords.json.generated").read_text())["admin"]}
-    for name in ("jwt_secret", "mlflow_admin_password", "mlflow_flask_secret_key"):
+    for name in ("jwt_secret", "mlflow_admin_password", "mlflow_flask_secret_key", "postgres_password"):
         found[name] = (stack.home / "secrets" / name).read_text().strip()
     assert all(len(value) >= 16 for value in found.values()), "a secret is missing or short"
     return found
@@ -148,6 +148,32 @@ def test_sigkill_of_a_part_then_up_restarts_it(stack, part):
         assert f"{p} running (pid {part_pid(stack, p)})" in status.stdout, status.stdout
     for component in ("metadatabase", "scheduler", "triggerer", "dag-processor"):
         assert f"airflow {component}: healthy" in status.stdout, status.stdout
+
+
+@pytest.mark.reliability(case="4.10 postgres SIGKILL", fault="SIGKILL of the PostgreSQL postmaster",
+                         survives="up stops its orphaned backends, restarts it on the same data; all healthy")
+def test_sigkill_of_postgres_then_up_restarts_it_on_the_same_data(stack):
+    victim = part_pid(stack, "postgres")
+    backends = [p for p in session_members(victim) if p != victim]
+    assert backends, "no PostgreSQL backend processes (Airflow and MLflow hold connections)"
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while alive(victim) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not alive(victim)
+    assert any(line.startswith("postgres stopped") for line in sh(stack, "status", check=False).stdout.splitlines())
+
+    up = sh(stack, "up")  # a part that lost its database meanwhile and died is restarted too
+    assert "postgres is dead: restarting it" in up.stdout and "started postgres " in up.stdout, up.stdout
+    assert part_pid(stack, "postgres") != victim
+    assert not [p for p in backends if alive(p)], "backends of the dead postmaster left running"
+    status = sh(stack, "status")
+    assert f"postgres running (pid {part_pid(stack, 'postgres')})" in status.stdout
+    for component in ("metadatabase", "scheduler", "triggerer", "dag-processor"):
+        assert f"airflow {component}: healthy" in status.stdout, status.stdout
+    # The same cluster: the DAGs parsed before the crash are still there.
+    password = json.loads((stack.home / "airflow/simple_auth_manager_passwords.json.generated").read_text())["admin"]
+    assert AirflowClient(stack.airflow, "admin", password).request("GET", f"/dags/{DAG_ID}")["dag_id"] == DAG_ID
 
 
 @pytest.mark.reliability(case="4.6 task processes of a dead scheduler",

@@ -1,0 +1,151 @@
+"""Airflow's scheduler and API server with guards against a lost or doubled approval answer
+(two Airflow 3.3.2 bugs; docs/operations.md "A lost or doubled answer" has the reproductions).
+
+Run a part as ``python -m common.airflow_guard scheduler|api-server [args]``: every deployment
+starts these two parts this way (tools/stack.sh, tools/cluster.py, docker-compose-mlops.yml). Any
+other subcommand runs as plain ``airflow``. Nothing here is imported by a DAG file or a task.
+
+**Scheduler: a stale SUCCESS (apache/airflow#72716, #71580).** An approval task parks in
+``awaiting_input`` and its worker process exits; the executor reports that exit as SUCCESS. When a
+person answers before the scheduler has read that report, the API server moves the task to
+``scheduled`` (``next_method`` set) and the scheduler re-queues it. The stale SUCCESS then finds the
+task ``queued`` (or already ``running`` the resumed attempt), which Airflow 3.3.2 takes for a task
+"killed externally": it fails the attempt, the retry opens the form again, empty, and the answer
+is gone. Airflow's own check covers only ``scheduled``. The guard drops such a stale SUCCESS before
+the scheduler reads it: a SUCCESS that finds its attempt (same try number) still
+``scheduled``/``queued`` with a ``next_method`` is the exit of the parked process; one that finds it
+``running`` is the same exit read after the resumed attempt started (a worker that really finished
+reports its final state before it exits, and one that died without one is caught by Airflow's
+heartbeat timeout). Everything else passes through untouched.
+
+**API server: two answers at once.** ``PATCH .../hitlDetails`` locks the task instance and the
+form's row, then checks "already answered" on the row it had read *before* taking the lock (the
+ORM keeps the loaded object). Two answers sent together are therefore both accepted: the first
+resumes the task, the second overwrites the recorded answer (reason and chooser) without being
+applied. For that endpoint the guard takes the same locks first and reads the form's row again
+under them, so the second answer sees the first and gets Airflow's own 409.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+log = logging.getLogger(__name__)
+UPSTREAM_BUG = "apache/airflow#72716"
+
+
+# --- scheduler ----------------------------------------------------------------------------------
+
+
+def is_stale_park_exit(event_state: str, event_try: int, ti_state: str | None, ti_try: int,
+                       next_method: str | None) -> bool:
+    """True for the executor's SUCCESS from the process that parked an attempt which has since
+    been resumed (the rule in the module docstring)."""
+    if event_state != "success" or ti_try != event_try:
+        return False
+    if ti_state in ("scheduled", "queued"):
+        return next_method is not None
+    return ti_state == "running"
+
+
+def drop_stale_park_exits(executor: Any, session: Any) -> list[Any]:
+    """Remove the stale SUCCESS events from ``executor.event_buffer``; the keys removed."""
+    from airflow.models.taskinstance import TaskInstance as TI
+    from airflow.models.taskinstancekey import TaskInstanceKey
+    from sqlalchemy import select
+
+    dropped = []
+    for key, (state, _info) in list(executor.event_buffer.items()):
+        if not isinstance(key, TaskInstanceKey) or str(state) != "success":
+            continue
+        ti = session.scalar(select(TI).where(TI.dag_id == key.dag_id, TI.task_id == key.task_id,
+                                             TI.run_id == key.run_id, TI.map_index == key.map_index))
+        if ti is None:
+            continue
+        ti_state = ti.state.value if hasattr(ti.state, "value") else ti.state
+        if is_stale_park_exit("success", key.try_number, ti_state, ti.try_number, ti.next_method):
+            executor.event_buffer.pop(key)
+            dropped.append(key)
+            log.warning("Ignoring the executor's SUCCESS for %s: it is the exit of the process that "
+                        "parked this attempt, which has been resumed since (task now %s; %s)",
+                        key, ti_state, UPSTREAM_BUG)
+    return dropped
+
+
+def install_scheduler_guard() -> None:
+    """Wrap ``SchedulerJobRunner.process_executor_events`` (idempotent)."""
+    from airflow.jobs.scheduler_job_runner import SchedulerJobRunner
+
+    original = SchedulerJobRunner.process_executor_events.__func__
+    if getattr(original, "_vtm_guarded", False):
+        return
+
+    def process_executor_events(cls, executor, job_id, scheduler_dag_bag, session):
+        drop_stale_park_exits(executor, session)
+        return original(cls, executor=executor, job_id=job_id, scheduler_dag_bag=scheduler_dag_bag,
+                        session=session)
+
+    process_executor_events._vtm_guarded = True
+    SchedulerJobRunner.process_executor_events = classmethod(process_executor_events)
+
+
+# --- API server ---------------------------------------------------------------------------------
+
+ANSWER_HANDLER = "update_hitl_detail"  # the PATCH endpoint's function in Airflow's HITL routes
+
+
+def install_answer_guard() -> None:
+    """Wrap the HITL routes' task-instance lookup (idempotent): called by the answer endpoint, it
+    locks the task instance, then the form's row, and reloads both (GETs are left alone)."""
+    from airflow.api_fastapi.core_api.routes.public import hitl as routes
+    from airflow.models.hitl import HITLDetail
+    from airflow.models.taskinstance import TaskInstance as TI
+
+    original = routes._get_task_instance_with_hitl_detail
+    if getattr(original, "_vtm_guarded", False):
+        return
+
+    def get_task_instance_with_hitl_detail(*args, **kwargs):
+        ti = original(*args, **kwargs)
+        session = kwargs.get("session")
+        if (isinstance(ti, TI) and ti.hitl_detail is not None and session is not None
+                and sys._getframe(1).f_code.co_name == ANSWER_HANDLER):
+            # Airflow's lock order: the task instance, then the form's row, which is read again
+            # under the lock (refresh: the task instance's own loaded attributes stay as they are).
+            session.get(TI, ti.id, with_for_update={"of": TI})
+            session.refresh(ti.hitl_detail, with_for_update={"of": HITLDetail})
+        return ti
+
+    get_task_instance_with_hitl_detail._vtm_guarded = True
+    routes._get_task_instance_with_hitl_detail = get_task_instance_with_hitl_detail
+
+
+# --- entry point --------------------------------------------------------------------------------
+
+
+def install_for(argv: list[str]) -> None:
+    """The guards of the Airflow subcommand ``argv`` starts."""
+    if "scheduler" in argv[:1]:
+        install_scheduler_guard()
+    if "api-server" in argv[:1]:
+        install_answer_guard()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``airflow <argv>`` with its part's guard installed."""
+    args = sys.argv[1:] if argv is None else argv
+    install_for(args)
+    from airflow.__main__ import main as airflow_main
+
+    sys.argv = ["airflow", *args]
+    airflow_main()
+
+
+if __name__ == "__main__":
+    main()
+elif __name__ == "__mp_main__":
+    # An API server with several workers spawns them: each re-imports this module under this
+    # name (with the parent's argv) before it builds its app, and gets the guard here.
+    install_for(sys.argv[1:])

@@ -1,0 +1,69 @@
+"""The guards of dags/common/airflow_guard.py: which executor SUCCESS is the stale exit of a parked
+attempt, and where the answer guard hooks in. The guards at work, against Airflow's real
+scheduler and API server, are tests/e2e/test_approval.py's
+test_an_answer_the_instant_the_form_opens_is_applied_every_time and
+test_two_answers_at_once_one_is_applied_the_other_refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from common import airflow_guard
+
+
+@pytest.mark.parametrize(("event", "event_try", "state", "ti_try", "next_method", "stale"), [
+    # The race: the answer resumed the attempt before the scheduler read the park's exit.
+    ("success", 1, "scheduled", 1, "execute_complete", True),
+    ("success", 1, "queued", 1, "execute_complete", True),
+    ("success", 1, "running", 1, None, True),  # the resumed attempt already started
+    # Everything else reaches Airflow's own handling untouched.
+    ("success", 1, "queued", 1, None, False),  # queued, never parked: Airflow's "killed externally"
+    ("success", 1, "scheduled", 1, None, False),
+    ("success", 1, "queued", 2, "execute_complete", False),  # another try's event
+    ("success", 1, "success", 1, None, False),  # the normal end of a task
+    ("success", 1, "awaiting_input", 1, "execute_complete", False),  # parked, not yet answered
+    ("failed", 1, "queued", 1, "execute_complete", False),  # a failure is never dropped
+    ("failed", 1, "running", 1, None, False),
+])
+def test_only_the_parked_attempts_stale_success_is_dropped(event, event_try, state, ti_try, next_method, stale):
+    assert airflow_guard.is_stale_park_exit(event, event_try, state, ti_try, next_method) is stale
+
+
+def test_install_wraps_the_scheduler_once():
+    from airflow.jobs.scheduler_job_runner import SchedulerJobRunner
+
+    before = SchedulerJobRunner.process_executor_events
+    try:
+        airflow_guard.install_scheduler_guard()
+        wrapped = SchedulerJobRunner.__dict__["process_executor_events"]
+        airflow_guard.install_scheduler_guard()  # idempotent
+        assert SchedulerJobRunner.__dict__["process_executor_events"] is wrapped
+        assert getattr(wrapped.__func__, "_vtm_guarded", False)
+    finally:
+        SchedulerJobRunner.process_executor_events = classmethod(before.__func__)
+
+
+def test_answer_guard_wraps_the_hitl_lookup_once_and_only_for_the_answer_endpoint():
+    from airflow.api_fastapi.core_api.routes.public import hitl as routes
+
+    before = routes._get_task_instance_with_hitl_detail
+    try:
+        airflow_guard.install_answer_guard()
+        wrapped = routes._get_task_instance_with_hitl_detail
+        airflow_guard.install_answer_guard()  # idempotent
+        assert routes._get_task_instance_with_hitl_detail is wrapped and wrapped is not before
+        # The endpoint it serves is still Airflow's PATCH handler of that name (the guard looks
+        # for its caller by name: a rename upstream must fail here, not silently in production).
+        assert routes.update_hitl_detail.__name__ == airflow_guard.ANSWER_HANDLER
+        assert "_get_task_instance_with_hitl_detail" in routes.update_hitl_detail.__code__.co_names
+    finally:
+        routes._get_task_instance_with_hitl_detail = before
+
+
+def test_the_guards_follow_the_subcommand(monkeypatch):
+    installed = []
+    monkeypatch.setattr(airflow_guard, "install_scheduler_guard", lambda: installed.append("scheduler"))
+    monkeypatch.setattr(airflow_guard, "install_answer_guard", lambda: installed.append("api-server"))
+    for argv in (["scheduler", "--skip-serve-logs"], ["api-server"], ["dag-processor"], []):
+        airflow_guard.install_for(argv)
+    assert installed == ["scheduler", "api-server"]
