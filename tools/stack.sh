@@ -250,7 +250,7 @@ if ((EUID == 0)); then AS_POSTGRES=(unshare --map-user=65534 --map-group=65534);
 start_postgres() {
   local bin pw db
   bin=$(pg_bin)
-  if ((${#RUN_DIR} > 90)); then
+  if ((${#RUN_DIR} > 93)); then  # a socket path is at most 107 bytes
     echo "VTM_HOME is too deep for PostgreSQL's socket ($RUN_DIR/.s.PGSQL.$PG_SOCKET_PORT > 107 bytes): use a shorter VTM_HOME" >&2
     exit 1
   fi
