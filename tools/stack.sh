@@ -213,9 +213,20 @@ kill_pids() {  # pids...: TERM, up to 10 s to exit, then KILL
   kill -KILL "$@" 2>/dev/null || true
 }
 
+postgres_orphans() {  # PostgreSQL's own processes when its postmaster is not running
+  # Each of them calls setsid(), so they are not in the postmaster's session; all of them work in
+  # the data folder, which is this stack's alone.
+  local d
+  running postgres && return 0
+  for d in /proc/[0-9]*; do
+    [[ $(readlink "$d/cwd" 2>/dev/null) == "$PG_DATA" ]] && echo "${d#/proc/}"
+  done
+  return 0
+}
+
 stop_leftovers() {
   local pids
-  mapfile -t pids < <(leftovers)
+  mapfile -t pids < <(leftovers; postgres_orphans)
   if ((${#pids[@]})); then
     echo "stopping ${#pids[@]} process(es) left behind by a dead part: ${pids[*]}"
     kill_pids "${pids[@]}"
@@ -261,8 +272,15 @@ start_postgres() {
       --auth scram-sha-256 -E UTF8 --no-sync >>"$LOG_DIR/postgres-init.log" 2>&1 ||
       { tail -n 20 "$LOG_DIR/postgres-init.log" >&2; exit 1; }
   fi
+  # A postmaster killed by SIGKILL leaves its lock file; its pid may live on as a zombie that
+  # init has not reaped, which PostgreSQL takes for a running postmaster. Not running here and no
+  # process left in the data folder (up stopped them): the lock is stale.
+  if [[ -f $PG_DATA/postmaster.pid ]] && ! running postgres && [[ -z $(postgres_orphans) ]]; then
+    echo "removing the stale lock files of a dead postmaster" >>"$LOG_DIR/postgres.log"
+    rm -f "$PG_DATA/postmaster.pid" "$RUN_DIR/.s.PGSQL.$PG_SOCKET_PORT" "$RUN_DIR/.s.PGSQL.$PG_SOCKET_PORT.lock"
+  fi
   launch postgres "${AS_POSTGRES[@]}" "$bin/postgres" -D "$PG_DATA" -c listen_addresses= \
-    -c "unix_socket_directories=$RUN_DIR" -c unix_socket_permissions=0700 -p "$PG_SOCKET_PORT" \
+    -c "unix_socket_directories=$RUN_DIR" -c unix_socket_permissions=0600 -p "$PG_SOCKET_PORT" \
     -c max_connections=100 -c fsync=off -c synchronous_commit=off -c full_page_writes=off
   for _ in $(seq 120); do
     "$bin/pg_isready" -q -h "$RUN_DIR" -p "$PG_SOCKET_PORT" && break
@@ -331,6 +349,10 @@ stop_part() {  # name: the part, then whatever is left in its session
     read -r _ _ _ sid _ <<<"$(proc_stat "${d#/proc/}")" || continue
     [[ ${sid:-} == "$pid" ]] && echo "${d#/proc/}"; done)
   kill_pids "${members[@]}"
+  if [[ $name == postgres ]]; then
+    mapfile -t members < <(postgres_orphans)
+    kill_pids "${members[@]}"
+  fi
   rm -f "$RUN_DIR/$name.pid"
 }
 
