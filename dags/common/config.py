@@ -402,11 +402,6 @@ def pools_file_content() -> dict[str, dict[str, object]]:
     }
 
 
-# Airflow's [database] sql_alchemy_connect_args for the embedded stack's SQLite (tools/stack.sh):
-# wait up to 60 s for the single writer lock instead of sqlite3's default 5 s.
-SQLITE_CONNECT_ARGS: dict[str, object] = {"timeout": 60}
-
-
 def params_table() -> str:
     """Markdown: every workflow's run parameters (docs/operations.md, "What each parameter accepts")."""
     lines = []
