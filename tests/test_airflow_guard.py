@@ -67,3 +67,36 @@ def test_the_guards_follow_the_subcommand(monkeypatch):
     for argv in (["scheduler", "--skip-serve-logs"], ["api-server"], ["dag-processor"], []):
         airflow_guard.install_for(argv)
     assert installed == ["scheduler", "api-server"]
+
+
+@pytest.mark.parametrize(("deadline", "definitions"), [
+    ([{"name": "decision deadline", "reference": {"reference_type": "DagRunQueuedAtDeadline"}}], True),
+    (["01a251cb-3b91-70ea-965a-25aa83ed68ec"], False),  # what the scheduler's copy holds: ids
+    ([], False),
+    (None, False),
+])
+def test_only_a_deadline_of_alert_definitions_is_replaced(deadline, definitions):
+    assert airflow_guard.holds_alert_definitions(deadline) is definitions
+
+
+@pytest.mark.parametrize(("argv", "guarded"), [
+    (["airflow", "dags", "test", "power_lgbm_training"], True),
+    (["airflow", "dags", "list"], False),
+    (["airflow", "scheduler"], False),
+])
+def test_the_local_settings_hook_guards_only_airflow_dags_test(argv, guarded):
+    """Airflow imports dags/airflow_local_settings.py first in every command; it installs the
+    dag-test guard in ``airflow dags test`` only (a real ``airflow dags test`` of every workflow is
+    tests/e2e/test_documented_commands.py)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    dags = Path(__file__).resolve().parents[1] / "dags"
+    code = (f"import sys; sys.argv = {argv!r}; import airflow_local_settings; "
+            "from airflow.models.dagrun import DagRun; "
+            "print(getattr(DagRun.update_state, '_vtm_guarded', False))")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(dags)},
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    assert out.strip().splitlines()[-1] == str(guarded)

@@ -24,6 +24,17 @@ ORM keeps the loaded object). Two answers sent together are therefore both accep
 resumes the task, the second overwrites the recorded answer (reason and chooser) without being
 applied. For that endpoint the guard takes the same locks first and reads the form's row again
 under them, so the second answer sees the first and gets Airflow's own 409.
+
+**``airflow dags test``: the deadline lookup.** ``dag.test()`` runs its DAG as
+``deserialize(serialize(dag))`` made in memory, whose ``deadline`` holds the encoded
+``DeadlineAlert`` definitions; the scheduler's copy, read from the database, holds the ids of the
+stored alerts instead, and ``DagRun.update_state`` looks each entry up by id when the run succeeds.
+Any DAG with a ``DeadlineAlert`` therefore ends a successful ``airflow dags test`` with
+``StatementError ... 'dict' object has no attribute 'hex'`` (SQLite) or ``can't adapt type 'dict'``
+(PostgreSQL), exit 1. The guard gives such a run's DAG the ids of the alerts stored for the run's
+DAG version (which ``dags test`` has just written), so the lookup, and the pruning of the run's
+unneeded deadlines that follows it, work as under the scheduler. ``dags/airflow_local_settings.py``
+installs it in every ``airflow dags test``.
 """
 
 from __future__ import annotations
@@ -122,6 +133,48 @@ def install_answer_guard() -> None:
     routes._get_task_instance_with_hitl_detail = get_task_instance_with_hitl_detail
 
 
+# --- airflow dags test ---------------------------------------------------------------------------
+
+
+def holds_alert_definitions(deadline: Any) -> bool:
+    """True when a DAG's ``deadline`` holds alert definitions (dicts) where ids belong."""
+    return bool(deadline) and any(isinstance(alert, dict) for alert in deadline)
+
+
+def stored_alert_ids(dag_run: Any, session: Any) -> list[str]:
+    """The ids of the deadline alerts stored for ``dag_run``'s DAG version."""
+    from airflow.models.deadline_alert import DeadlineAlert
+    from airflow.models.serialized_dag import SerializedDagModel
+    from sqlalchemy import select
+
+    query = (select(DeadlineAlert.id)
+             .join(SerializedDagModel, DeadlineAlert.serialized_dag_id == SerializedDagModel.id)
+             .where(SerializedDagModel.dag_version_id == dag_run.created_dag_version_id))
+    return [str(alert_id) for alert_id in session.scalars(query)]
+
+
+def install_dag_test_guard() -> None:
+    """Wrap ``DagRun.update_state`` (idempotent): a run whose DAG holds alert definitions gets the
+    stored alerts' ids first (only ``dag.test()`` makes such a DAG)."""
+    from airflow.models.dagrun import DagRun
+
+    original = DagRun.update_state
+    if getattr(original, "_vtm_guarded", False):
+        return
+
+    def update_state(self, *, session=None, execute_callbacks=True):
+        dag = getattr(self, "dag", None)
+        if dag is not None and holds_alert_definitions(dag.deadline) and session is not None:
+            dag.deadline = stored_alert_ids(self, session)
+        kwargs = {"execute_callbacks": execute_callbacks}
+        if session is not None:
+            kwargs["session"] = session
+        return original(self, **kwargs)
+
+    update_state._vtm_guarded = True
+    DagRun.update_state = update_state
+
+
 # --- entry point --------------------------------------------------------------------------------
 
 
@@ -131,6 +184,8 @@ def install_for(argv: list[str]) -> None:
         install_scheduler_guard()
     if "api-server" in argv[:1]:
         install_answer_guard()
+    if argv[:2] == ["dags", "test"]:
+        install_dag_test_guard()
 
 
 def main(argv: list[str] | None = None) -> None:
