@@ -3,7 +3,11 @@ DAG files' approval steps (the tasks after ``register``) checked as parsed."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -195,6 +199,56 @@ def test_cli_reject_and_rollback(model_name, mlflow_server):
     assert back.returncode == 0, back.stderr
     assert champion(model_name) == first.version
     assert "asset event NOT emitted" in back.stdout  # no AIRFLOW_API_* in this environment
+
+
+# Each side imports the registry, says it is ready, waits for the start file and runs the CLI's
+# main(): the two commands reach approve()/reject() at the same instant, not a process start apart.
+AT_ONCE = """import os, sys, time
+from common import registry
+open(f"{sys.argv[1]}.{os.getpid()}", "w").close()
+while not os.path.exists(sys.argv[1]):
+    time.sleep(0.005)
+raise SystemExit(registry.main(sys.argv[2:]))"""
+
+
+@pytest.mark.reliability(case="8.7 two CLI answers at once",
+                         fault="`python -m common.registry approve` and `reject` of one waiting version at the "
+                               "same instant, three times",
+                         survives="one is applied; the other exits 2 with one `error: ...` line; the tags "
+                                  "name the one applied")
+def test_two_cli_answers_at_once_one_is_applied_the_other_refused(model_name, mlflow_server, tmp_path):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server}
+    winners = []
+    for round_ in range(3):
+        name = f"{model_name}_{round_}"
+        _, waiting = challenger(name, GOOD, None, None, auto_promote=False)
+        assert waiting.decision == registry.PENDING
+        go = tmp_path / f"go{round_}"
+        sides = {who: subprocess.Popen([sys.executable, "-c", AT_ONCE, str(go), verb, name, waiting.version,
+                                        "--by", who, "--reason", f"{verb} at once"],
+                                       cwd=ROOT / "dags", env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       text=True)
+                 for who, verb in (("alice", "approve"), ("bob", "reject"))}
+        deadline = time.monotonic() + 300
+        while len(list(tmp_path.glob(f"go{round_}.*"))) < 2:
+            assert time.monotonic() < deadline and all(p.poll() is None for p in sides.values()), "not ready"
+            time.sleep(0.05)
+        go.touch()
+        done = {who: (proc.wait(timeout=300), *proc.communicate()) for who, proc in sides.items()}
+        assert sorted(rc for rc, _, _ in done.values()) == [0, 2], done
+        (winner,) = [who for who, (rc, _, _) in done.items() if rc == 0]
+        (loser,) = [who for who, (rc, _, _) in done.items() if rc == 2]
+        _, out, err = done[loser]
+        assert out == "" and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+        assert "not 'pending_approval'" in err
+        t = tags(name, waiting.version)
+        applied = {"alice": ("promoted", "approved by alice: approve at once"),
+                   "bob": ("rejected", "rejected by bob: reject at once")}[winner]
+        assert (t["decision"], t["decided_by"]) == (applied[0], winner), t
+        assert t["decision_reason"].startswith(applied[1]) and f"is '{applied[0]}'" in err
+        assert champion(name) == (waiting.version if winner == "alice" else None)
+        winners.append(winner)
+    print(f"\nwinners: {winners}")
 
 
 @pytest.mark.reliability(case="8.2 rollback to a gate-rejected version",
