@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     default = os.environ.get("DATA_MIRROR") or str(ROOT.parent / "shared" / "data")
     parser.add_argument("--data", type=Path, default=Path(default), help="mirror folder holding ticks/")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=int(os.environ.get("VTM_BENCH_REPEATS", "5")),
+                        help="timed feature builds per day (env VTM_BENCH_REPEATS)")
     args = parser.parse_args(argv)
     files = sorted((args.data / "ticks").glob("*.csv*"))
     if not files:

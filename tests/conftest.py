@@ -108,7 +108,6 @@ def _reliability_row(marker) -> dict[str, str]:
 HEAVIEST_FIRST = (
     "tests/e2e/test_embedded_stack.py",
     "tests/e2e/test_approval.py",
-    "tests/e2e/test_tick_backfill.py",
     "tests/e2e/test_celery_cluster.py",
     "tests/reliability/test_stack.py",
     "tests/e2e/test_power_dag.py",

@@ -119,18 +119,15 @@ def embedded_stack(env: Mapping[str, str]) -> Iterator[dict[str, str]]:
 
 
 def dags_for_dag_test():
-    """The repository's DAGs, for ``dag.test()``.
-
-    Airflow 3.3.2's ``dag.test()`` cannot finish a successful run of a DAG that has a
-    ``DeadlineAlert``: it deserializes the DAG without the deadline ids a DAG processor writes,
-    and ``DagRun.update_state`` then looks an alert up by its definition (StatementError "'dict'
-    object has no attribute 'hex'"). So the deadline is dropped here; deadlines are tested on the
-    embedded stack, where a real DAG processor serializes them (tests/e2e/test_deadlines.py).
-    A fresh DagBag per call: a dag.test() conf sticks to the DAG object's Params in Airflow 3.3.
+    """The repository's DAGs, for ``dag.test()``, deadlines kept: the guard that
+    ``airflow dags test`` gets from dags/airflow_local_settings.py (Airflow 3.3.2's ``dag.test()``
+    otherwise fails a successful run of a DAG with a ``DeadlineAlert``; common/airflow_guard.py)
+    is installed in this process too. A fresh DagBag per call: a dag.test() conf sticks to the DAG
+    object's Params in Airflow 3.3.
     """
     from airflow.dag_processing.dagbag import DagBag
 
-    bag = DagBag(str(ROOT / "dags"))
-    for dag in bag.dags.values():
-        dag.deadline = None
-    return bag
+    from common.airflow_guard import install_dag_test_guard
+
+    install_dag_test_guard()
+    return DagBag(str(ROOT / "dags"))

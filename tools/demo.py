@@ -2,19 +2,25 @@
 
 Expects ``tools/stack.sh up`` to have run (it is what ``make demo`` does first) and the stack's
 environment (``eval "$(tools/stack.sh env)"``). Every workflow of ``dags/common/config.py`` that
-has a DAG file is triggered with its conf in ``DEMO`` below.
+has a DAG file gets a run with its conf in ``DEMO`` below.
+
+The demo never waits on an approval and never answers one: its runs promote unattended (the
+``auto_promote`` conf, and the table says so), and no run it did not start can hold them up.
+A DAG runs one run at a time (``max_active_runs``), so:
+
+* The scheduled workflows (power, tick) get their demo runs as **backfills**, which Airflow runs
+  beside the DAG's other runs (a backfill has its own ``max_active_runs``): a nightly run waiting
+  for a person, or a run someone triggered, does not hold them up.
+* Unpausing a DAG makes the scheduler create the run of its latest past tick (catchup is off),
+  without the demo's conf: it would wait for a person's approval (power) or for trades no importer
+  brings (tick) and hold the DAG's one active run for hours. So the first demo run of a DAG is
+  placed on exactly that tick, before unpausing: the scheduler finds a run there and goes on to
+  the next tick. Later demo runs take the latest past tick without a run.
+* The manual workflows (the CNNs) have no scheduled runs. If one of them has an active run the
+  demo did not start (say a run of yours waiting for approval), the demo does not trigger it,
+  which would queue behind that run: its row says "not run" and why.
 
 No secret is printed: the end says where the Airflow and MLflow passwords are kept.
-
-Runs that are still active when the demo's own runs are done get a row of their own saying why
-they wait and until when. Unpausing ``tick_model_training`` makes the scheduler create its latest
-scheduled run (catchup is off), for the last weekday's New York close; no importer feeds the demo
-lake, so that run's ``wait_for_trades`` sensor waits (reschedule mode: no worker slot held) up to
-the workflow's ``data_wait`` (6 h) and then fails. It is left waiting on purpose rather than
-cancelled: it is exactly what the schedule does in production while the importer is late, and it
-blocks nothing the demo or the README needs: backfills (how the demo runs the tick workflow) and
-``airflow dags test`` do not queue behind it, only another triggered tick run would (max_active_runs
-1). Marking it failed instead would fake an outcome; pausing the DAG would also stop the backfill.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import sys
 import time
 import urllib.parse
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,8 +40,7 @@ sys.path[:0] = [str(ROOT / "dags"), str(ROOT)]
 
 from common import config  # noqa: E402
 from scripts.core import paths  # noqa: E402
-from tools.airflow_api import AirflowApiError, AirflowClient  # noqa: E402
-from tools.backfill import create_backfill  # noqa: E402
+from tools.airflow_api import AirflowClient  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -52,12 +57,13 @@ class DemoSpec:
 # approve, and the table says so. Without it a passing challenger waits for a person's approval.
 UNATTENDED = {"auto_promote": True}
 DEMO: dict[str, DemoSpec] = {
-    "power_lgbm_training": DemoSpec("mae", "baseline_mae", dict(UNATTENDED)),
+    # A quick model (200 boosting rounds instead of up to 2000): a run with the defaults beats it,
+    # so the README's "trigger with the defaults, approve it in the UI" finds an approval waiting.
+    "power_lgbm_training": DemoSpec("mae", "baseline_mae", {"num_boost_round": 200, **UNATTENDED}),
     "tick_model_training": DemoSpec("rmse_log_rv", "har_rmse_log_rv", dict(UNATTENDED)),
     "mnist_cnn_training": DemoSpec("test_accuracy", "baseline_accuracy", {"profile": "smoke", **UNATTENDED}),
     "cifar10_cnn_training": DemoSpec("test_accuracy", "baseline_accuracy", {"profile": "smoke", **UNATTENDED}),
 }
-DEMO_REJECT_REASON = "make demo: a run the demo did not start is not reviewed here (answer in the UI instead)"
 
 
 def password_file(airflow_home: Path) -> Path:
@@ -92,32 +98,86 @@ def prepare_inputs(workflows: list[config.WorkflowConfig], tick_days: int = 4) -
         days = tick_import.seed(paths.tick_lake(), paths.data_mirror(), simulate_days=tick_days)
         SEEDED_TICK_DAYS[:] = days
         print(f"tick lake {paths.tick_lake()}: trade days {[d.isoformat() for d in days]}", flush=True)
-        confs["tick_model_training"]["trade_date"] = days[-1].isoformat()
     return confs
 
 
-def backfill_lake_days(client: AirflowClient, dag_id: str) -> str:
-    """Backfill the tick DAG over the trade days just seeded; returns the last day's run id.
+def demo_tick(client: AirflowClient, dag_id: str) -> str:
+    """The logical date of the demo's run of a scheduled workflow: a past tick without a run.
 
-    A backfill rather than a trigger: its runs have their own max_active_runs, so they do not queue
-    behind the latest scheduled run that unpausing creates, whose sensor waits (for hours, holding
-    no slot) for a trading day the demo lake does not have. It also shows every day processed in
-    order: the first day builds features only, each later one trains on the days before it.
-    """
-    from datetime import timedelta
+    While the DAG is still paused, the tick its first scheduled run would take (``next_dagrun``):
+    with the demo's run on it, unpausing adds no run of its own (the module docstring says why).
+    Otherwise the latest tick of the last 14 days that has no run (Airflow's backfill dry run
+    lists them)."""
+    dag = client.request("GET", f"/dags/{dag_id}")
+    now = datetime.now(UTC)
+    first = dag.get("next_dagrun_logical_date")
+    start = now - timedelta(days=14)
+    if first and datetime.fromisoformat(first) < start:
+        start = datetime.fromisoformat(first)
+    free = [entry["logical_date"] for entry in client.request("POST", "/backfills/dry_run", {
+        "dag_id": dag_id, "from_date": start.isoformat(), "to_date": now.isoformat(),
+        "reprocess_behavior": "none"})["backfills"] if entry.get("logical_date")]
+    if dag["is_paused"] and first in free:
+        return first
+    if not free:
+        raise RuntimeError(f"{dag_id}: every tick of the last 14 days has a run; no free tick for the demo's run")
+    return max(free, key=datetime.fromisoformat)
 
+
+def backfill(client: AirflowClient, dag_id: str, from_date: str, to_date: str, conf: dict,
+             reprocess: str = "none") -> tuple[int, list[str]]:
+    """A backfill of ``dag_id`` over [from_date, to_date], one run at a time in date order; its id
+    and its runs' ids, oldest first. Dates are ISO dates or date-times (UTC when naive)."""
+    from_date, to_date = (value if "T" in value else f"{value}T00:00:00Z" for value in (from_date, to_date))
+    created = client.request("POST", "/backfills", {
+        "dag_id": dag_id, "from_date": from_date, "to_date": to_date, "dag_run_conf": conf,
+        "reprocess_behavior": reprocess, "max_active_runs": 1, "run_backwards": False})
+    query = urllib.parse.urlencode({"run_type": "backfill", "logical_date_gte": from_date,
+                                    "logical_date_lte": to_date, "order_by": "logical_date", "limit": 1000})
+    runs = client.request("GET", f"/dags/{dag_id}/dagRuns?{query}")["dag_runs"]
+    if not runs:
+        raise RuntimeError(f"the backfill of {dag_id} over {from_date}..{to_date} created no run")
+    return created["id"], [run["dag_run_id"] for run in runs]
+
+
+def wait_for_backfill(client: AirflowClient, backfill_id: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not client.request("GET", f"/backfills/{backfill_id}").get("completed_at"):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"backfill {backfill_id} still not finished after {timeout:.0f} s")
+        time.sleep(5)
+
+
+def start_scheduled(client: AirflowClient, dag_id: str, conf: dict) -> str:
+    """The demo's run of a scheduled workflow: a one-run backfill on ``demo_tick``, then unpause."""
+    tick = demo_tick(client, dag_id)
+    _, runs = backfill(client, dag_id, tick, tick, conf)
+    client.unpause(dag_id)
+    return runs[-1]
+
+
+def start_tick(client: AirflowClient, dag_id: str, conf: dict, timeout: float) -> str:
+    """The tick workflow over the trade days just seeded, in date order (each day's champion is
+    the previous day's): the first day on ``demo_tick`` (it builds features only: the conf names
+    its trade date), then the other days on their own dates. Returns the last day's run id."""
     days = SEEDED_TICK_DAYS
-    # The CLI, as an operator would run it (the REST endpoint refuses backfills on SQLite), one day
-    # at a time in date order: each day's champion is the previous day's.
-    create_backfill(dag_id, days[0].isoformat(), (days[-1] + timedelta(days=1)).isoformat(),
-                    ["--reprocess-behavior", "completed",
-                     "--dag-run-conf", json.dumps(DEMO[dag_id].conf)])  # auto_promote, as the table says
-    runs = client.request("GET", f"/dags/{dag_id}/dagRuns?run_type=backfill&limit=1000")["dag_runs"]
-    mine = [r for r in runs if r.get("logical_date", "")[:10] <= days[-1].isoformat()
-            and r.get("logical_date", "")[:10] >= days[0].isoformat()]
-    if not mine:
-        raise RuntimeError(f"the backfill of {dag_id} created no run for {days}")
-    return max(mine, key=lambda r: r["logical_date"])["dag_run_id"]
+    tick = demo_tick(client, dag_id)
+    first, _ = backfill(client, dag_id, tick, tick, {**conf, "trade_date": days[0].isoformat()})
+    client.unpause(dag_id)
+    wait_for_backfill(client, first, timeout)  # one backfill of a DAG at a time
+    _, runs = backfill(client, dag_id, days[1].isoformat(), (days[-1] + timedelta(days=1)).isoformat(),
+                       conf,
+                       reprocess="completed")  # a second demo redoes the days it did before
+    return runs[-1]
+
+
+def blocking_run(client: AirflowClient, cfg: config.WorkflowConfig) -> dict | None:
+    """An active run of ``cfg``'s DAG that a triggered run would queue behind, if any."""
+    for state in ("running", "queued"):
+        records = client.request("GET", f"/dags/{cfg.dag_id}/dagRuns?state={state}")["dag_runs"]
+        if records:
+            return records[0]
+    return None
 
 
 def seconds(record: dict) -> float:
@@ -174,46 +234,6 @@ def still_active(client: AirflowClient, workflows: list[config.WorkflowConfig],
     return rows
 
 
-def wait_answering_other_approvals(client: AirflowClient, workflows: list[config.WorkflowConfig],
-                                   demo_runs: dict[str, str], timeout: float) -> dict[str, dict]:
-    """Wait for the demo's runs. A run the demo did not start (the scheduled one unpausing
-    creates, which has no auto_promote) would wait at its approval step for a day and hold the
-    DAG's one active run: the demo rejects it (champion unchanged), says so, and goes on."""
-
-    deadline = time.monotonic() + timeout
-    final: dict[str, dict] = {}
-    answered: set[tuple[str, str]] = set()
-    while len(final) < len(demo_runs):
-        for cfg in workflows:
-            dag_id = cfg.dag_id
-            if dag_id in demo_runs and dag_id not in final:
-                record = client.dag_run(dag_id, demo_runs[dag_id])
-                if record["state"] in ("success", "failed"):
-                    final[dag_id] = record
-            for record in client.request("GET", f"/dags/{dag_id}/dagRuns?state=running")["dag_runs"]:
-                if record["dag_run_id"] == demo_runs.get(dag_id) or (dag_id, record["dag_run_id"]) in answered:
-                    continue
-                waiting = [t for t in client.task_instances(dag_id, record["dag_run_id"])
-                           if t["task_id"] == "approve" and t["state"] == "awaiting_input"]
-                if waiting:
-                    path = (f"/dags/{dag_id}/dagRuns/{urllib.parse.quote(record['dag_run_id'])}"
-                            "/taskInstances/approve/-1/hitlDetails")
-                    answered.add((dag_id, record["dag_run_id"]))
-                    try:
-                        client.request("PATCH", path, {"chosen_options": ["Reject"],
-                                                       "params_input": {"reason": DEMO_REJECT_REASON}})
-                    except AirflowApiError as exc:  # answered meanwhile, in the UI
-                        print(f"{dag_id} {record['dag_run_id']}: approval not answered by the demo: {exc}")
-                        continue
-                    print(f"rejected the approval waiting in {dag_id} {record['dag_run_id']}: "
-                          f"{DEMO_REJECT_REASON}", flush=True)
-        if len(final) < len(demo_runs):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"runs still not finished after {timeout:.0f}s: {sorted(set(demo_runs) - set(final))}")
-            time.sleep(5)
-    return final
-
-
 def why_waiting(client: AirflowClient, cfg: config.WorkflowConfig, record: dict) -> str:
     tasks = client.task_instances(cfg.dag_id, record["dag_run_id"])
     waiting = [t for t in tasks if t["state"] in ("up_for_reschedule", "deferred", "running", "awaiting_input")]
@@ -248,34 +268,57 @@ def print_table(rows: list[dict[str, str]]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--timeout", type=float, default=3600, help="seconds to wait for the runs")
-    parser.add_argument("--tick-days", type=int, default=4,
+    # Defaults from the environment too, so that `make demo VTM_DEMO_TICK_DAYS=2` works.
+    parser.add_argument("--tick-days", type=int, default=int(os.environ.get("VTM_DEMO_TICK_DAYS", "4")),
                         help="simulated trading days for the tick workflow when DATA_MIRROR has no trades "
-                             "(at least 2: the last trains on the days before it)")
+                             "(at least 2: the last trains on the days before it; env VTM_DEMO_TICK_DAYS)")
+    parser.add_argument("--workflows", default=os.environ.get("VTM_DEMO_WORKFLOWS", ""),
+                        help="comma-separated dag_ids to run (default: all; env VTM_DEMO_WORKFLOWS)")
     args = parser.parse_args(argv)
     os.umask(0o077)  # it writes under VTM_HOME (the tick lake): private, like everything the stack writes
     airflow_home = Path(os.environ["AIRFLOW_HOME"])
     base_url = os.environ.get("AIRFLOW__API__BASE_URL", "http://127.0.0.1:8080")
     client = AirflowClient(base_url, "admin", admin_password(airflow_home))
     workflows = present_workflows()
+    if args.workflows:
+        wanted = {name.strip() for name in args.workflows.split(",") if name.strip()}
+        if unknown := wanted - {cfg.dag_id for cfg in workflows}:
+            parser.error(f"--workflows: no such workflow {sorted(unknown)}")
+        workflows = [cfg for cfg in workflows if cfg.dag_id in wanted]
     client.wait_for_dags([cfg.dag_id for cfg in workflows])
     if args.tick_days < 2:
         parser.error("--tick-days must be at least 2 (the last day trains on the days before it)")
     confs = prepare_inputs(workflows, args.tick_days)
-    runs = {}
-    for cfg in workflows:
-        # Unpausing also lets the scheduler create the latest scheduled run (catchup is off); it
-        # runs after or before this one (max_active_runs) and goes through the same gate.
+    runs: dict[str, str] = {}
+    not_run: dict[str, str] = {}
+    # The tick workflow last: its first day has to finish before its other days are created.
+    for cfg in sorted(workflows, key=lambda cfg: cfg.dag_id == "tick_model_training"):
+        conf = confs[cfg.dag_id]
         if cfg.dag_id == "tick_model_training":
-            runs[cfg.dag_id] = backfill_lake_days(client, cfg.dag_id)
+            runs[cfg.dag_id] = start_tick(client, cfg.dag_id, conf, args.timeout)
+        elif client.request("GET", f"/dags/{cfg.dag_id}").get("timetable_summary"):  # None: manual only
+            runs[cfg.dag_id] = start_scheduled(client, cfg.dag_id, conf)
+        elif (blocking := blocking_run(client, cfg)) is not None:
+            not_run[cfg.dag_id] = (f"not run by the demo: {blocking['dag_run_id']} holds the DAG's one "
+                                   f"active run ({why_waiting(client, cfg, blocking)})")
+            print(f"{cfg.dag_id}: {not_run[cfg.dag_id]}", flush=True)
+            continue
         else:
-            runs[cfg.dag_id] = client.trigger(cfg.dag_id, confs[cfg.dag_id])
-        client.unpause(cfg.dag_id)
-        print(f"triggered {cfg.dag_id}: {runs[cfg.dag_id]}", flush=True)
+            runs[cfg.dag_id] = client.trigger(cfg.dag_id, conf)
+            client.unpause(cfg.dag_id)
+        print(f"started {cfg.dag_id}: {runs[cfg.dag_id]}", flush=True)
     print(f"waiting for {len(runs)} run(s) (up to {args.timeout:.0f} s) ...", flush=True)
-    final = wait_answering_other_approvals(client, workflows, runs, args.timeout)
-    rows = [{**describe(client, cfg, final[cfg.dag_id]),
-             "note": "auto_promote=true (demo conf): no approval step"
-             if (confs.get(cfg.dag_id) or {}).get("auto_promote") else "-"} for cfg in workflows]
+    final = client.wait_for_runs(runs, args.timeout)
+    rows = []
+    for cfg in workflows:
+        if cfg.dag_id in not_run:
+            rows.append({"dag_id": cfg.dag_id, "state": "not run", "duration": "-", "metric": "-",
+                         "model": "-", "alias": "-", "champion": "-", "mlflow_run": "-",
+                         "note": not_run[cfg.dag_id]})
+        else:
+            rows.append({**describe(client, cfg, final[cfg.dag_id]),
+                         "note": "auto_promote=true (demo conf): no approval step"
+                         if confs[cfg.dag_id].get("auto_promote") else "-"})
     rows += still_active(client, workflows, runs)
     print()
     print_table(rows)
