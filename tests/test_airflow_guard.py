@@ -33,14 +33,45 @@ def test_install_wraps_the_scheduler_once():
     from airflow.jobs.scheduler_job_runner import SchedulerJobRunner
 
     before = SchedulerJobRunner.process_executor_events
+    before_adopt = SchedulerJobRunner.adopt_or_reset_orphaned_tasks
     try:
         airflow_guard.install_scheduler_guard()
         wrapped = SchedulerJobRunner.__dict__["process_executor_events"]
         airflow_guard.install_scheduler_guard()  # idempotent
         assert SchedulerJobRunner.__dict__["process_executor_events"] is wrapped
         assert getattr(wrapped.__func__, "_vtm_guarded", False)
+        adopt = SchedulerJobRunner.adopt_or_reset_orphaned_tasks
+        assert getattr(adopt, "_vtm_guarded", False)
+        airflow_guard.install_scheduler_guard()
+        assert SchedulerJobRunner.adopt_or_reset_orphaned_tasks is adopt
     finally:
         SchedulerJobRunner.process_executor_events = classmethod(before.__func__)
+        SchedulerJobRunner.adopt_or_reset_orphaned_tasks = before_adopt
+
+
+@pytest.mark.parametrize(("next_method", "responded", "kept"), [
+    ("execute_complete", True, True),  # answered (or the timeout's defaults applied): resume it
+    ("execute_complete", False, False),  # no answer recorded: Airflow's reset
+    (None, True, False),  # not resuming (the first attempt, or the form's own execute)
+    ("__fail__", True, False),  # a resume Airflow routed to failure
+])
+def test_only_the_resume_of_an_answered_form_escapes_the_orphan_reset(next_method, responded, kept):
+    assert airflow_guard.resumes_an_answer(next_method, responded) is kept
+
+
+def test_an_answered_resume_is_scheduled_again_with_its_answer_and_try():
+    from types import SimpleNamespace
+
+    answered = SimpleNamespace(id="a", state="queued", next_method="execute_complete", next_kwargs={"event": 1},
+                               try_number=1, queued_by_job_id=4, external_executor_id="x")
+    waiting = SimpleNamespace(id="b", state="running", next_method="execute_complete", next_kwargs={},
+                              try_number=1, queued_by_job_id=4, external_executor_id=None)
+    fresh = SimpleNamespace(id="c", state="queued", next_method=None, next_kwargs=None, try_number=1,
+                            queued_by_job_id=4, external_executor_id=None)
+    assert airflow_guard.keep_answered_resumes([answered, waiting, fresh], {"a"}) == [waiting, fresh]
+    assert (answered.state, answered.queued_by_job_id, answered.external_executor_id) == ("scheduled", None, None)
+    assert (answered.next_method, answered.next_kwargs, answered.try_number) == ("execute_complete", {"event": 1}, 1)
+    assert (waiting.state, fresh.state) == ("running", "queued")  # left for Airflow's reset
 
 
 def test_answer_guard_wraps_the_hitl_lookup_once_and_only_for_the_answer_endpoint():

@@ -18,6 +18,18 @@ the scheduler reads it: a SUCCESS that finds its attempt (same try number) still
 reports its final state before it exits, and one that died without one is caught by Airflow's
 heartbeat timeout). Everything else passes through untouched.
 
+**Scheduler: an answered form's resume reset after a scheduler crash.** A scheduler that dies
+(crash, OOM, a restart) with an answered form's resumed attempt ``queued`` or ``running`` leaves
+it to the next scheduler's orphan check, which resets every task instance of a dead scheduler that
+its executor cannot adopt (LocalExecutor adopts none): new try, state ``None`` and
+``next_method``/``next_kwargs`` cleared. The task then runs ``execute`` again: the form opens
+again, empty, and the accepted answer (carried in ``next_kwargs``) is gone; with no retries left
+the run fails. The guard hands such a task instance back to the scheduler instead, as the answer
+left it: ``scheduled``, same try, ``next_method``/``next_kwargs`` kept, so the resumed attempt
+runs again and applies the answer. Only task instances that resume a form with a recorded answer
+(a person's, or the defaults the timeout applied) are kept; everything else is reset as Airflow
+does.
+
 **API server: two answers at once.** ``PATCH .../hitlDetails`` locks the task instance and the
 form's row, then checks "already answered" on the row it had read *before* taking the lock (the
 ORM keeps the loaded object). Two answers sent together are therefore both accepted: the first
@@ -41,6 +53,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -100,6 +113,80 @@ def install_scheduler_guard() -> None:
 
     process_executor_events._vtm_guarded = True
     SchedulerJobRunner.process_executor_events = classmethod(process_executor_events)
+    install_orphan_guard()
+
+
+def resumes_an_answer(next_method: str | None, responded: bool) -> bool:
+    """True for a task instance on its way back into a form's ``execute_complete`` with the
+    recorded answer (``responded``: the form's row has ``responded_at``)."""
+    return next_method is not None and next_method != "__fail__" and responded
+
+
+def answered_forms(tis: Sequence[Any]) -> set[Any]:
+    """The ids of those ``tis`` on their way back into ``execute_complete`` (``next_method`` set)
+    whose form has a recorded answer (read in the task instances' own session)."""
+    from airflow.models.hitl import HITLDetail
+    from sqlalchemy import select
+    from sqlalchemy.orm import object_session
+
+    pending = [ti for ti in tis if ti.next_method is not None]
+    session = object_session(pending[0]) if pending else None
+    if session is None:
+        return set()
+    return set(session.scalars(select(HITLDetail.ti_id).where(
+        HITLDetail.ti_id.in_([ti.id for ti in pending]), HITLDetail.responded_at.is_not(None))))
+
+
+def keep_answered_resumes(tis: Sequence[Any], answered: set[Any]) -> list[Any]:
+    """Of ``tis`` (what an executor could not adopt, about to be reset), put those that resume an
+    answered form (their id in ``answered``) back to ``scheduled`` with their
+    ``next_method``/``next_kwargs`` and try; the rest, for Airflow to reset."""
+    from airflow.utils.state import TaskInstanceState
+
+    reset = []
+    for ti in tis:
+        if not resumes_an_answer(ti.next_method, ti.id in answered):
+            reset.append(ti)
+            continue
+        log.warning("Not resetting %s (%s, queued by a scheduler that is gone): it resumes an answered "
+                    "form; scheduled again with its answer, same try (%s)", ti, ti.state, UPSTREAM_BUG)
+        ti.state = TaskInstanceState.SCHEDULED
+        ti.queued_by_job_id = None
+        ti.external_executor_id = None
+    return reset
+
+
+def guard_adoption(executor: Any) -> None:
+    """Wrap this executor's ``try_adopt_task_instances`` (idempotent): what it gives back to be
+    reset goes through :func:`keep_answered_resumes` first."""
+    original = executor.try_adopt_task_instances
+    if getattr(original, "_vtm_guarded", False):
+        return
+
+    def try_adopt_task_instances(tis):
+        unadopted = list(original(tis))
+        return keep_answered_resumes(unadopted, answered_forms(unadopted))
+
+    try_adopt_task_instances._vtm_guarded = True
+    executor.try_adopt_task_instances = try_adopt_task_instances
+
+
+def install_orphan_guard() -> None:
+    """Wrap ``SchedulerJobRunner.adopt_or_reset_orphaned_tasks`` (idempotent): the scheduler's
+    executors get :func:`guard_adoption` before Airflow asks them to adopt."""
+    from airflow.jobs.scheduler_job_runner import SchedulerJobRunner
+
+    original = SchedulerJobRunner.adopt_or_reset_orphaned_tasks
+    if getattr(original, "_vtm_guarded", False):
+        return
+
+    def adopt_or_reset_orphaned_tasks(self, **kwargs):
+        for executor in self.executors:
+            guard_adoption(executor)
+        return original(self, **kwargs)
+
+    adopt_or_reset_orphaned_tasks._vtm_guarded = True
+    SchedulerJobRunner.adopt_or_reset_orphaned_tasks = adopt_or_reset_orphaned_tasks
 
 
 # --- API server ---------------------------------------------------------------------------------

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
+import signal
 import subprocess
 import threading
 import time
@@ -59,7 +61,11 @@ def power_approval_stack(base: Path, approval_timeout: float) -> Iterator[Simple
     local = "airflow.dag_processing.bundles.local.LocalDagBundle"
     bundles = json.dumps([{"name": "dags-folder", "classpath": local, "kwargs": {"path": str(ROOT / "dags")}},
                           {"name": "approval-checks", "classpath": local, "kwargs": {"path": str(BUNDLE)}}])
+    # ORPHANED_TASKS_CHECK_INTERVAL: a scheduler restarted after a crash takes over what the dead one
+    # had queued at its first check after the dead one's heartbeat is 30 s old; Airflow checks every
+    # 300 s, these tests every 10 s (the restart cases below).
     env = stack_env(base / "home", DATA_MIRROR=str(mirror), AIRFLOW__SCHEDULER__TRIGGER_TIMEOUT_CHECK_INTERVAL="5",
+                    AIRFLOW__SCHEDULER__ORPHANED_TASKS_CHECK_INTERVAL="10",
                     VTM_APPROVAL_TIMEOUT_SECONDS=str(approval_timeout),
                     AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST=bundles)
     with embedded_stack(env) as shell:
@@ -206,6 +212,166 @@ def test_two_answers_at_once_one_is_applied_the_other_refused(stack):
         assert final["state"] == "success" and ti["try_number"] == 1, (final, ti)
         result = client.xcom(RACE_DAG, run_id, "approve")
         assert result["chosen_options"] == [winner] and result["params_input"]["reason"] == winner
+
+
+# --- an answer while a part of the stack crashes or restarts -------------------------------------
+#
+# A part is stopped as a crash stops it (SIGKILL to its process group: tools/stack.sh starts each
+# part as its own session and group) and started again with ``tools/stack.sh up``, which restarts
+# only the dead part and stops the task processes it left behind. Each case uses approval_race
+# runs (no training) whose forms were opened before any part went down: the forms that wait
+# through a restart unanswered must survive it too.
+
+RESTART_RUNS = 4  # the forms the restart cases answer: two (scheduler), one (api-server), one (triggerer)
+
+
+def waiting_forms(stack, count: int) -> list[str]:
+    """``count`` approval_race runs whose form waits (first try). The first call triggers the forms
+    of every restart case at once (RESTART_RUNS) and waits for all of them, so that no part goes
+    down while one of them is still starting, and the later cases find theirs waiting already."""
+    client, pool = stack.client, stack.state.setdefault("waiting", [])
+    if len(pool) < count:
+        pool.extend(client.trigger(RACE_DAG, {}) for _ in range(max(count - len(pool), RESTART_RUNS)))
+    deadline = time.monotonic() + 600
+    while (states := {run_id: [(ti["state"], ti["try_number"]) for ti in client.task_instances(RACE_DAG, run_id)]
+                      for run_id in pool}) != dict.fromkeys(pool, [("awaiting_input", 1)]):
+        assert time.monotonic() < deadline, f"forms never waited: {states}"
+        time.sleep(1)
+    runs, stack.state["waiting"] = pool[:count], pool[count:]
+    return runs
+
+
+def crash(stack, part: str) -> None:
+    """SIGKILL ``part``'s process group (its pid file: tools/stack.sh) and wait until it is gone."""
+    pid = int((Path(stack.env["VTM_HOME"]) / "run" / f"{part}.pid").read_text().split()[0])
+    os.killpg(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except FileNotFoundError:
+            return
+        if stat.rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+            return
+        assert time.monotonic() < deadline, f"{part} (pid {pid}) still alive after SIGKILL"
+        time.sleep(0.1)
+
+
+def stack_up(stack) -> None:
+    """``tools/stack.sh up``: starts the dead part again, waits until every part is healthy."""
+    done = subprocess.run([STACK, "up"], env=stack.env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def answer(client: AirflowClient, run_id: str, option: str, reason: str) -> dict:
+    return client.request("PATCH", hitl_path(run_id, RACE_DAG),
+                          {"chosen_options": [option], "params_input": {"reason": reason}})
+
+
+def assert_applied_once(client: AirflowClient, run_id: str, option: str, reason: str) -> None:
+    """The run succeeded on its first try, the form was never opened again, the task's result is
+    the answer given, and the form records that one answer."""
+    deadline = time.monotonic() + 600
+    while (run := client.dag_run(RACE_DAG, run_id))["state"] not in ("success", "failed"):
+        (ti,) = client.task_instances(RACE_DAG, run_id)
+        assert ti["try_number"] == 1 and ti["state"] != "awaiting_input", f"{run_id}: form opened again: {ti}"
+        assert time.monotonic() < deadline, f"{run_id} still {run['state']} (approve {ti['state']})"
+        time.sleep(1)
+    (ti,) = client.task_instances(RACE_DAG, run_id)
+    assert run["state"] == "success" and ti["try_number"] == 1, (run_id, run["state"], ti)
+    quoted = urllib.parse.quote(run_id)
+    tries = client.request("GET", f"/dags/{RACE_DAG}/dagRuns/{quoted}/taskInstances/approve/tries")
+    assert [t["try_number"] for t in tries["task_instances"]] == [1], tries
+    result = client.xcom(RACE_DAG, run_id, "approve")
+    assert result["chosen_options"] == [option] and result["params_input"]["reason"] == reason, result
+    assert result["responded_by_user"]["name"] == "admin"
+    form = client.request("GET", hitl_path(run_id, RACE_DAG))
+    assert form["response_received"] and form["chosen_options"] == [option], form
+    assert form["params_input"]["reason"] == reason and form["responded_by_user"]["name"] == "admin"
+
+
+def wait_resuming(client: AirflowClient, run_id: str) -> str:
+    """Poll the answered form's task until the scheduler has handed its resumed attempt to the
+    executor (queued or running); the state seen (or the end state, if the poll missed it)."""
+    deadline = time.monotonic() + 300
+    while (state := client.task_instances(RACE_DAG, run_id)[0]["state"]) not in ("queued", "running", "success",
+                                                                                  "failed", "up_for_retry"):
+        assert time.monotonic() < deadline, f"{run_id}: answered, but never resumed ({state})"
+        time.sleep(0.1)
+    return state
+
+
+@pytest.mark.reliability(case="8.4 an answer while the scheduler crashes",
+                         fault="scheduler SIGKILLed (a) with a form just answered, its resumed attempt queued or "
+                               "running; (b) with a form waiting, answered while the scheduler is down",
+                         survives="both answers applied on the first try once tools/stack.sh up restarted "
+                                  "it; no form reopened (scheduler guard)")
+def test_an_answer_while_the_scheduler_crashes_is_applied(stack):
+    client = stack.client
+    resuming, waiting = waiting_forms(stack, 2)
+    answer(client, resuming, "Approve", "answered before the crash")
+    seen = wait_resuming(client, resuming)
+    crash(stack, "scheduler")
+    print(f"\nscheduler killed with the answered attempt {seen}")
+    assert answer(client, waiting, "Reject", "answered while the scheduler is down")["chosen_options"] == ["Reject"]
+    stack_up(stack)
+    assert_applied_once(client, resuming, "Approve", "answered before the crash")
+    assert_applied_once(client, waiting, "Reject", "answered while the scheduler is down")
+
+
+def answer_through_outage(client: AirflowClient, run_id: str, option: str, reason: str,
+                          timeout: float = 600) -> tuple[int, int]:
+    """What a client does while the API server restarts: send the answer, and send it again while
+    the connection is refused or dropped (a server starting up may accept a connection and reset
+    it); stop at the server's first HTTP reply. A 409 after a dropped try can mean that try landed:
+    the form then shows whose answer was applied. (HTTP status, tries that got no reply.)"""
+    failed = 0
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            answer(client, run_id, option, reason)
+            return 200, failed
+        except (AirflowApiError, ConnectionError) as exc:
+            if (status := re.search(r"HTTP (\d+)", str(exc))) is not None:
+                return int(status.group(1)), failed
+            assert time.monotonic() < deadline, f"API server still down after {timeout} s: {exc}"
+            failed += 1
+            time.sleep(0.5)
+
+
+@pytest.mark.reliability(case="8.5 an answer while the API server restarts",
+                         fault="API server SIGKILLed with a form waiting; the answer sent (and re-sent on "
+                               "connection refused) while tools/stack.sh up starts it again",
+                         survives="the first HTTP reply is 200 (or 409 when a dropped try had landed: the form "
+                                  "shows it); the answer is applied on the first try")
+def test_an_answer_while_the_api_server_restarts_is_applied(stack, monkeypatch):
+    client = stack.client
+    (run_id,) = waiting_forms(stack, 1)
+    monkeypatch.setattr(client, "ATTEMPTS", 1)  # the loop below retries, one connection at a time
+    crash(stack, "api-server")
+    with ThreadPoolExecutor(1) as pool:
+        sent = pool.submit(answer_through_outage, client, run_id, "Approve", "answered during the restart")
+        stack_up(stack)
+        status, refused = sent.result()
+    print(f"\nthe answer got no reply {refused} times while the API server was down, then HTTP {status}")
+    assert refused > 0 and status in (200, 409), (status, refused)
+    monkeypatch.undo()
+    if status == 409:  # a dropped try had landed: the form holds that (same) answer, applied once
+        form = client.request("GET", hitl_path(run_id, RACE_DAG))
+        assert form["chosen_options"] == ["Approve"] and form["params_input"]["reason"] == "answered during the restart"
+    assert_applied_once(client, run_id, "Approve", "answered during the restart")
+
+
+@pytest.mark.reliability(case="8.6 an answer while the triggerer crashes",
+                         fault="triggerer SIGKILLed with a form waiting, answered while it is down",
+                         survives="applied on the first try (a waiting form needs no triggerer in Airflow 3.3)")
+def test_an_answer_while_the_triggerer_crashes_is_applied(stack):
+    client = stack.client
+    (run_id,) = waiting_forms(stack, 1)
+    crash(stack, "triggerer")
+    answer(client, run_id, "Reject", "answered while the triggerer is down")
+    stack_up(stack)
+    assert_applied_once(client, run_id, "Reject", "answered while the triggerer is down")
 
 
 def test_no_answer_in_time_is_a_rejection_by_nobody(stack):
