@@ -1,5 +1,6 @@
 """Airflow's scheduler and API server with guards against a lost or doubled approval answer
-(two Airflow 3.3.2 bugs; docs/operations.md "A lost or doubled answer" has the reproductions).
+(Airflow 3.3.2 bugs: a stale SUCCESS, an answered resume reset after a scheduler crash, two answers
+at once; docs/operations.md "A lost or doubled answer" has the reproductions).
 
 Run a part as ``python -m common.airflow_guard scheduler|api-server [args]``: every deployment
 starts these two parts this way (tools/stack.sh, tools/cluster.py, docker-compose-mlops.yml). Any
@@ -149,7 +150,7 @@ def keep_answered_resumes(tis: Sequence[Any], answered: set[Any]) -> list[Any]:
             reset.append(ti)
             continue
         log.warning("Not resetting %s (%s, queued by a scheduler that is gone): it resumes an answered "
-                    "form; scheduled again with its answer, same try (%s)", ti, ti.state, UPSTREAM_BUG)
+                    "form; scheduled again with its answer, same try", ti, ti.state)
         ti.state = TaskInstanceState.SCHEDULED
         ti.queued_by_job_id = None
         ti.external_executor_id = None
