@@ -30,6 +30,7 @@ from typing import Any
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from common import mlflow_auth
 from scripts.core import paths
 from scripts.core.paths import REPO_ROOT
 
@@ -98,16 +99,24 @@ def route_mlflow_logs() -> None:
 
 
 def ensure_experiment(name: str) -> str:
-    """Get or create the experiment; returns its id (safe when two tasks race to create it)."""
+    """Get or create the experiment; returns its id (safe when two tasks race to create it).
+
+    Refuses (``mlflow_auth.OwnershipError``, permanent) an experiment that the workflows' MLflow
+    user does not own: on a server with basic auth the stack creates it as that user beforehand.
+    """
     client = configure()
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return client.create_experiment(name)
+            experiment_id = client.create_experiment(name)
         except mlflow.exceptions.MlflowException:
             experiment = client.get_experiment_by_name(name)
             if experiment is None:
                 raise
+        else:
+            mlflow_auth.require_owned(mlflow_auth.EXPERIMENT, experiment_id, name)
+            return experiment_id
+    mlflow_auth.require_owned(mlflow_auth.EXPERIMENT, experiment.experiment_id, name)
     if experiment.lifecycle_stage == "deleted":
         client.restore_experiment(experiment.experiment_id)
     return experiment.experiment_id
@@ -271,7 +280,9 @@ def task_run(experiment: str, who: AirflowIdentity, data_version: str,
 def reopen_run(run_id: str) -> Iterator[mlflow.ActiveRun]:
     """Continue a run a previous task created (evaluate adds to what train logged)."""
     client = configure()
-    mlflow.set_experiment(experiment_id=client.get_run(run_id).info.experiment_id)
+    experiment_id = client.get_run(run_id).info.experiment_id
+    mlflow_auth.require_owned(mlflow_auth.EXPERIMENT, experiment_id, client.get_experiment(experiment_id).name)
+    mlflow.set_experiment(experiment_id=experiment_id)
     with mlflow.start_run(run_id=run_id) as run:
         yield run
 

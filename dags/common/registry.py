@@ -66,7 +66,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from common import alerts, config, mlflow_utils
+from common import alerts, config, mlflow_auth, mlflow_utils
 from common.config import PromotionGate, WorkflowConfig
 from common.mlflow_utils import configure
 from scripts.core import paths
@@ -195,6 +195,7 @@ def _create_version(client: MlflowClient, model_name: str, model_uri: str, run_i
         except MlflowException as exc:  # created meanwhile by a run registering at the same moment
             if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
                 raise
+    mlflow_auth.require_owned(mlflow_auth.REGISTERED_MODEL, model_name)  # the service user's, or refused
     model_id = logged_model_id(model_uri)
     mv = client.create_model_version(model_name, source=model_uri, run_id=run_id, model_id=model_id)
     if model_id:  # the logged model's link to its registered versions, as register_model keeps it
