@@ -38,6 +38,9 @@ LOG_DIR=$VTM_HOME/logs
 SECRETS=$VTM_HOME/secrets
 AIRFLOW_PASSWORDS=$VTM_HOME/airflow/simple_auth_manager_passwords.json.generated
 MLFLOW_ADMIN=admin
+# The workflows' own MLflow user (common/mlflow_auth.py): what Airflow tasks log in with. It owns
+# every workflow's experiment and registered model; people the admin adds only read them.
+MLFLOW_SERVICE_USER=${VTM_MLFLOW_SERVICE_USER:-vtm-workflows}
 PARTS=(postgres mlflow api-server scheduler dag-processor triggerer)
 AIRFLOW_PARTS=(api-server scheduler dag-processor triggerer)
 HEALTH_TIMEOUT=${STACK_HEALTH_TIMEOUT:-240}  # seconds for every part to report healthy
@@ -72,6 +75,7 @@ stack_env() {  # what every part and a person's shell share; no secret values in
   export AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE=$AIRFLOW_PASSWORDS
   export MLFLOW_TRACKING_URI=http://127.0.0.1:$MLFLOW_PORT
   export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false
+  export VTM_MLFLOW_SERVICE_USER=$MLFLOW_SERVICE_USER
   export NO_COLOR=1
   # Tasks inherit this: an offline mirror of the official data files (absolute: task cwd varies).
   if [[ -n ${DATA_MIRROR:-} ]]; then export DATA_MIRROR=$(realpath "$DATA_MIRROR"); fi
@@ -90,6 +94,7 @@ ensure_secrets() {
   mkdir -p "$SECRETS" "$VTM_HOME/airflow"
   secret jwt_secret >/dev/null
   secret mlflow_admin_password >/dev/null
+  secret mlflow_service_password >/dev/null
   secret mlflow_flask_secret_key >/dev/null
   secret postgres_password >/dev/null
   local pw socket
@@ -108,14 +113,19 @@ ensure_secrets() {
   # MLflow's basic-auth app. Every request but /health needs a user: anonymous -> 401. The admin
   # user is created on the first start from MLFLOW_AUTH_ADMIN_PASSWORD (given in the environment
   # of the mlflow part, never on a command line). default_permission applies to users other than
-  # the admin on resources nobody granted them: NO_PERMISSIONS, so a user added later sees nothing
-  # until granted (the compose deployment, shared by a team, uses READ).
+  # the admin on resources nobody granted them: READ, as in the compose deployment. A creator gets
+  # MANAGE, and `up` creates every workflow's experiment and model as the workflows' service user
+  # before any Airflow part starts (common/mlflow_identity.py), so a person the admin adds reads
+  # them and cannot write them (aliases, version tags, metrics). The password check is cached per
+  # user (one PBKDF2 hash, not one per request: ~0.5 s of CPU each on 2 cores); with one worker a
+  # password change through the API takes effect at once.
   cat >"$SECRETS/mlflow_auth.ini" <<EOF
 [mlflow]
-default_permission = NO_PERMISSIONS
+default_permission = READ
 database_uri = $(sed 's/%/%%/g' "$SECRETS/mlflow_auth_db_url")
 admin_username = $MLFLOW_ADMIN
 authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+auth_cache_ttl_seconds = 300
 EOF
 }
 
@@ -309,7 +319,8 @@ start_part() {
           --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 \
           --artifacts-destination "$VTM_HOME/mlflow/artifacts" --serve-artifacts ;;
     scheduler)
-      # Tasks run under the scheduler (LocalExecutor) and log in to MLflow with the admin user.
+      # Tasks run under the scheduler (LocalExecutor) and log in to MLflow as the workflows'
+      # service user (not the admin: it owns the workflows' experiments and models, nothing else).
       # As in the compose deployment, the Airflow connection mlflow_default carries URL and login
       # (common.mlflow_utils.tracking_uri() reads it when MLFLOW_TRACKING_URI is unset). The same
       # login also goes in MLflow's own client variables, because some task code calls MLflow
@@ -318,11 +329,11 @@ start_part() {
       # not in the database, not in `env`'s output; the task SDK masks the connection's password
       # in task logs.
       local conn password
-      password=$(cat "$(secret mlflow_admin_password)")
+      password=$(cat "$(secret mlflow_service_password)")
       printf -v conn '{"conn_type": "http", "host": "127.0.0.1", "port": %s, "login": "%s", "password": "%s"}' \
-        "$MLFLOW_PORT" "$MLFLOW_ADMIN" "$password"
+        "$MLFLOW_PORT" "$MLFLOW_SERVICE_USER" "$password"
       AIRFLOW_CONN_MLFLOW_DEFAULT=$conn MLFLOW_TRACKING_URI=http://127.0.0.1:$MLFLOW_PORT \
-      MLFLOW_TRACKING_USERNAME=$MLFLOW_ADMIN MLFLOW_TRACKING_PASSWORD=$password \
+      MLFLOW_TRACKING_USERNAME=$MLFLOW_SERVICE_USER MLFLOW_TRACKING_PASSWORD=$password \
         launch scheduler python -m common.airflow_guard scheduler --skip-serve-logs ;;
     # The four parts `airflow standalone` runs, started here so that nothing listens beyond
     # 127.0.0.1: standalone's scheduler and triggerer also start log servers bound to every
@@ -409,6 +420,26 @@ sys.exit(1)
 EOF
 }
 
+mlflow_identities() {
+  # Before any Airflow part starts: the workflows' service user, and every workflow's experiment
+  # and registered model created as that user (common/mlflow_identity.py; idempotent). One owned
+  # by someone else stops `up` with one line naming who.
+  local err
+  for _ in $(seq 240); do
+    curl -fsS -m 5 "http://127.0.0.1:$MLFLOW_PORT/health" >/dev/null 2>&1 && break
+    running mlflow || break
+    sleep 0.5
+  done
+  echo "=== $(date -u +%FT%TZ) tools/stack.sh: MLflow identities" >>"$LOG_DIR/mlflow-identity.log"
+  if ! err=$(python -m common.mlflow_identity bootstrap --tracking-uri "http://127.0.0.1:$MLFLOW_PORT" \
+      --admin-user "$MLFLOW_ADMIN" --admin-password-file "$SECRETS/mlflow_admin_password" \
+      --service-user "$MLFLOW_SERVICE_USER" --service-password-file "$SECRETS/mlflow_service_password" \
+      2>&1 >>"$LOG_DIR/mlflow-identity.log"); then
+    echo "${err:-MLflow identities failed: see $LOG_DIR/mlflow-identity.log}" | tail -n 1 >&2
+    exit 1
+  fi
+}
+
 # --- commands -------------------------------------------------------------------------------
 
 declare -A STARTED=()
@@ -437,6 +468,7 @@ up() {
 
   running postgres || start_part postgres
   running mlflow || start_part mlflow
+  mlflow_identities
   local need_airflow=0
   for name in "${AIRFLOW_PARTS[@]}"; do running "$name" || need_airflow=1; done
   if ((need_airflow)); then
@@ -464,7 +496,7 @@ up() {
     done
     exit 1
   fi
-  echo "MLflow  http://127.0.0.1:$MLFLOW_PORT   (user $MLFLOW_ADMIN, password in $SECRETS/mlflow_admin_password)"
+  echo "MLflow  http://127.0.0.1:$MLFLOW_PORT   (user $MLFLOW_ADMIN, password in $SECRETS/mlflow_admin_password; tasks: user $MLFLOW_SERVICE_USER)"
   echo "Airflow http://127.0.0.1:$AIRFLOW_PORT   (user admin, password in $AIRFLOW_PASSWORDS)"
 }
 

@@ -49,6 +49,9 @@ from common.mlflow_auth import (
     service_user,
 )
 
+ADMIN_USER_ENV, ADMIN_PASSWORD_ENV = "MLFLOW_ADMIN_USERNAME", "MLFLOW_ADMIN_PASSWORD"
+SERVICE_PASSWORD_ENV = "MLFLOW_SERVICE_PASSWORD"
+
 _USERS_CREATE = "/api/2.0/mlflow/users/create"
 _USERS_GET = "/api/2.0/mlflow/users/get"
 _USERS_PASSWORD = "/api/2.0/mlflow/users/update-password"
@@ -196,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     boot = sub.add_parser("bootstrap", help="service user, then every workflow's experiment and model")
     boot.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"))
-    boot.add_argument("--admin-user", default=os.environ.get("MLFLOW_ADMIN_USERNAME", "admin"))
+    boot.add_argument("--admin-user", default=os.environ.get(ADMIN_USER_ENV, "admin"))
     boot.add_argument("--admin-password-file")
     boot.add_argument("--service-user", default=service_user())
     boot.add_argument("--service-password-file")
@@ -215,8 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.tracking_uri:
             raise BootstrapError("no MLflow server: give --tracking-uri or set MLFLOW_TRACKING_URI")
         uri = args.tracking_uri.rstrip("/")
-        admin = Login(uri, args.admin_user, _password(args.admin_password_file, "MLFLOW_ADMIN_PASSWORD"))
-        service = Login(uri, args.service_user, _password(args.service_password_file, "MLFLOW_SERVICE_PASSWORD"))
+        admin = Login(uri, args.admin_user, _password(args.admin_password_file, ADMIN_PASSWORD_ENV))
+        service = Login(uri, args.service_user, _password(args.service_password_file, SERVICE_PASSWORD_ENV))
         for line in bootstrap(admin, service):
             print(line)
         return 0

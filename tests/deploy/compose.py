@@ -269,6 +269,46 @@ def volume_problems(model: dict[str, Any]) -> list[str]:
     return problems
 
 
+def mlflow_login_problems(model: dict[str, Any]) -> list[str]:
+    """Tasks log in to MLflow as the workflows' service user that airflow-init sets up (with
+    ``common.mlflow_identity bootstrap``, once MLflow is healthy); no Airflow part but airflow-init
+    holds the MLflow admin's password; people read by default (docs/operations.md)."""
+    from common.mlflow_auth import SERVICE_USER_ENV
+    from common.mlflow_identity import ADMIN_PASSWORD_ENV, ADMIN_USER_ENV, SERVICE_PASSWORD_ENV
+
+    problems = []
+    init = model["services"].get("airflow-init", {})
+    env = init.get("environment") or {}
+    script = unescape(" ".join(command(init)))
+    service = env.get("MLFLOW_SERVICE_USERNAME")
+    boot = script.find("python -m common.mlflow_identity bootstrap --tracking-uri http://mlflow:5000")
+    if boot < 0:
+        problems.append("airflow-init does not run `python -m common.mlflow_identity bootstrap` against mlflow")
+    elif not script.find("airflow db migrate") < boot < script.find("airflow connections add mlflow_default"):
+        problems.append("airflow-init runs the MLflow bootstrap out of order")
+    for variable in (ADMIN_USER_ENV, ADMIN_PASSWORD_ENV, SERVICE_PASSWORD_ENV):
+        if not env.get(variable):
+            problems.append(f"airflow-init lacks {variable}, which the MLflow bootstrap reads")
+    login = re.search(r'--conn-login\s+"?\$\{?(\w+)\}?"?\s+--conn-password\s+"?\$\{?(\w+)', script)
+    if not service or not login or env.get(login.group(1)) != service \
+            or env.get(login.group(2)) != env.get(SERVICE_PASSWORD_ENV):
+        problems.append("airflow-init's mlflow_default connection does not log in as the workflows' service user")
+    if service and service == env.get(ADMIN_USER_ENV):
+        problems.append("the workflows' MLflow service user is the admin")
+    if ((init.get("depends_on") or {}).get("mlflow") or {}).get("condition") != "service_healthy":
+        problems.append("airflow-init does not wait for a healthy mlflow")
+    admin_password = env.get(ADMIN_PASSWORD_ENV)
+    for name, svc in airflow_services(model).items():
+        if (svc.get("environment") or {}).get(SERVICE_USER_ENV) != service:
+            problems.append(f"{name} does not name the workflows' MLflow user in {SERVICE_USER_ENV}")
+        if name != "airflow-init" and admin_password and admin_password in json.dumps(svc):
+            problems.append(f"{name} holds the MLflow admin's password")
+    ini = unescape((model.get("configs", {}).get("mlflow-auth") or {}).get("content", ""))
+    if not re.search(r"^default_permission = READ$", ini, re.M):
+        problems.append("MLflow's auth config does not give users other than the owner READ by default")
+    return problems
+
+
 def all_problems(model: dict[str, Any], tasks: list[Task], pools: dict[str, Any]) -> list[str]:
     return (queue_problems(model, tasks) + pool_problems(model, tasks, pools) + gpu_problems(model, tasks)
-            + secret_problems(model) + port_problems(model) + volume_problems(model))
+            + secret_problems(model) + port_problems(model) + volume_problems(model) + mlflow_login_problems(model))

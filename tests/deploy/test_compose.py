@@ -169,6 +169,22 @@ def test_airflow_init_imports_every_pool_from_the_generated_file(model, dag_task
         assert step in script, step
 
 
+def test_tasks_log_in_to_mlflow_as_the_service_user_that_airflow_init_sets_up(model, env_file):
+    """airflow-init creates the workflows' MLflow user and their experiments and models once MLflow
+    is healthy, and hands tasks that user's login; the admin's password reaches no other service."""
+    assert dc.mlflow_login_problems(model) == []
+    env = deploy_env.parse_env(env_file.read_text())
+    init = model["services"]["airflow-init"]
+    assert init["environment"]["MLFLOW_SERVICE_USERNAME"] == env["MLFLOW_SERVICE_USERNAME"] == "vtm-workflows"
+    assert init["environment"]["MLFLOW_SERVICE_PASSWORD"] == env["MLFLOW_SERVICE_PASSWORD"]
+    assert len(env["MLFLOW_SERVICE_PASSWORD"]) >= 32 and env["MLFLOW_SERVICE_PASSWORD"] != env["MLFLOW_ADMIN_PASSWORD"]
+    assert init["depends_on"]["mlflow"]["condition"] == "service_healthy"
+    for name in ("airflow-scheduler", "airflow-worker", "airflow-worker-gpu"):
+        svc = model["services"][name]
+        assert svc["environment"]["VTM_MLFLOW_SERVICE_USER"] == "vtm-workflows"
+        assert env["MLFLOW_ADMIN_PASSWORD"] not in json.dumps(svc), name
+
+
 def test_the_local_cluster_runs_the_compose_files_workers(raw):
     """tools/cluster.py (the Celery cluster test) starts exactly these workers."""
     specs = {w.service: w for w in cluster.compose_workers(raw)}
@@ -272,6 +288,13 @@ def set_command(service: str, old: str, new: str):
     return change
 
 
+def set_init_script(old: str, new: str):
+    def change(doc: dict) -> None:
+        svc = doc["services"]["airflow-init"]
+        svc["command"] = [part.replace(old, new) for part in svc["command"]]
+    return change
+
+
 MUTATIONS = {
     "realtime_queue removed": (lambda d: drop_queue(d, "realtime_queue"), "queue realtime_queue has no worker"),
     "batch_queue removed": (lambda d: drop_queue(d, "batch_queue"), "queue batch_queue has no worker"),
@@ -300,6 +323,20 @@ MUTATIONS = {
     "execution API on a wrong port": (
         set_env("airflow-worker", "AIRFLOW__CORE__EXECUTION_API_SERVER_URL", "http://airflow-apiserver:8081/execution/"),
         "airflow-apiserver does not declare port 8081"),
+    "tasks log in to MLflow as the admin": (
+        set_init_script('--conn-login "$$MLFLOW_SERVICE_USERNAME" --conn-password "$$MLFLOW_SERVICE_PASSWORD"',
+                        '--conn-login "$$MLFLOW_ADMIN_USERNAME" --conn-password "$$MLFLOW_ADMIN_PASSWORD"'),
+        "mlflow_default connection does not log in as the workflows' service user"),
+    "no MLflow bootstrap": (
+        set_init_script("python -m common.mlflow_identity bootstrap --tracking-uri http://mlflow:5000", ""),
+        "airflow-init does not run `python -m common.mlflow_identity bootstrap`"),
+    "the MLflow admin's password on the worker": (
+        set_env("airflow-worker", "MLFLOW_TRACKING_PASSWORD", "${MLFLOW_ADMIN_PASSWORD:?}"),
+        "airflow-worker holds the MLflow admin's password"),
+    "people may write by default": (
+        lambda d: d["configs"]["mlflow-auth"].update(
+            content=d["configs"]["mlflow-auth"]["content"].replace("= READ", "= EDIT")),
+        "does not give users other than the owner READ by default"),
 }
 
 
