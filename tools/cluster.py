@@ -232,6 +232,11 @@ class Cluster:
         self.db_password = secrets.token_urlsafe(24)
         self.redis_password = secrets.token_urlsafe(24)
         self.admin_password = secrets.token_urlsafe(16)
+        # MLflow's basic auth as in the compose file: its admin sets up the workflows' service
+        # user, which the tasks log in as (common/mlflow_identity.py).
+        self.mlflow_admin_password = secrets.token_urlsafe(24)
+        self.mlflow_service_user = "vtm-workflows"
+        self.mlflow_service_password = secrets.token_urlsafe(24)
         self.jwt_secret = secrets.token_urlsafe(32)
         self.api_secret_key = secrets.token_urlsafe(32)
         self.fernet_key = base64.urlsafe_b64encode(os.urandom(32)).decode()
@@ -290,6 +295,10 @@ class Cluster:
             "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
             "AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT": "1800",
             "MLFLOW_TRACKING_URI": self.mlflow_url,
+            # The workflows' MLflow login (the compose file's mlflow_default connection), never the admin's.
+            "VTM_MLFLOW_SERVICE_USER": self.mlflow_service_user,
+            "MLFLOW_TRACKING_USERNAME": self.mlflow_service_user,
+            "MLFLOW_TRACKING_PASSWORD": self.mlflow_service_password,
             "NO_COLOR": "1",
         }
 
@@ -334,7 +343,7 @@ class Cluster:
 
     # -- the parts --------------------------------------------------------------------------
 
-    def start_postgres(self, databases: tuple[str, ...] = ("airflow", "mlflow")) -> None:
+    def start_postgres(self, databases: tuple[str, ...] = ("airflow", "mlflow", "mlflow_auth")) -> None:
         """PostgreSQL with one superuser ``vtm`` and ``databases`` (separate, as in the compose file)."""
         bindir = pg_bin_dir()
         user = None
@@ -391,13 +400,31 @@ class Cluster:
         self._wait("Redis answering PING", pong, proc, 60)
 
     def start_mlflow(self) -> None:
+        """MLflow's basic-auth app with the compose file's auth settings (default_permission READ)."""
+        ini = self.workdir / "mlflow_auth.ini"
+        with open(os.open(ini, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as out:
+            out.write("[mlflow]\ndefault_permission = READ\n"
+                      f"database_uri = {self.db_url('mlflow_auth')}\nadmin_username = admin\n"
+                      "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+                      "auth_cache_ttl_seconds = 300\n")  # one worker: one password hash per user
         env = {**os.environ, **self.env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-               "MLFLOW_BACKEND_STORE_URI": self.db_url("mlflow")}  # password in env, not argv
+               "MLFLOW_BACKEND_STORE_URI": self.db_url("mlflow"),  # passwords in env, not argv
+               "MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_AUTH_ADMIN_PASSWORD": self.mlflow_admin_password,
+               "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_urlsafe(24)}
         proc = self._start("mlflow", [
-            str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.mlflow_port),
-            "--workers", "1", "--artifacts-destination", str(self.workdir / "mlflow-artifacts"),
-            "--serve-artifacts"], env)
+            str(VENV_BIN / "mlflow"), "server", "--app-name", "basic-auth", "--host", "127.0.0.1",
+            "--port", str(self.mlflow_port), "--workers", "1",
+            "--artifacts-destination", str(self.workdir / "mlflow-artifacts"), "--serve-artifacts"], env)
         self.mlflow_proc = proc
+
+    def init_mlflow_identities(self) -> None:
+        """What the compose file's airflow-init does for MLflow: the service user, then every
+        workflow's experiment and model created as it (common/mlflow_identity.py)."""
+        env = {**self.airflow_env(), "PYTHONPATH": str(ROOT / "dags"), "MLFLOW_ADMIN_USERNAME": "admin",
+               "MLFLOW_ADMIN_PASSWORD": self.mlflow_admin_password,
+               "MLFLOW_SERVICE_PASSWORD": self.mlflow_service_password}
+        self._run("airflow-init", [str(VENV_BIN / "python"), "-m", "common.mlflow_identity", "bootstrap",
+                                   "--tracking-uri", self.mlflow_url], env, timeout=300)
 
     def init_airflow(self) -> None:
         """What the compose file's airflow-init does: migrate, admin user, pools."""
@@ -441,6 +468,7 @@ class Cluster:
         self.start_mlflow()
         self.init_airflow()
         self._wait("MLflow /health", lambda: self._http_ok(f"{self.mlflow_url}/health"), self.mlflow_proc, timeout)
+        self.init_mlflow_identities()
         self.start_airflow()
         self._wait("Airflow API /api/v2/monitor/health",
                    lambda: self._http_ok(f"{self.api_url}/api/v2/monitor/health"), self.api_proc, timeout)
@@ -501,9 +529,13 @@ def main(argv: list[str]) -> int:
         password_file = workdir / "admin_password"
         with open(os.open(password_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
             out.write(cluster.admin_password + "\n")
+        mlflow_password_file = workdir / "mlflow_admin_password"
+        with open(os.open(mlflow_password_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
+            out.write(cluster.mlflow_admin_password + "\n")
         # Secrets never go to stdout: say where the password is.
         print(f"Airflow {cluster.api_url}  user admin  password in {password_file}")
-        print(f"MLflow  {cluster.mlflow_url}")
+        print(f"MLflow  {cluster.mlflow_url}  user admin  password in {mlflow_password_file}"
+              f"  (tasks: user {cluster.mlflow_service_user})")
         print(f"logs    {cluster.logs}")
         for spec in cluster.workers:
             print(f"worker  {spec.service}: queues {','.join(spec.queues)}")
