@@ -36,8 +36,8 @@ class AirflowClient:
             return json.load(response)["access_token"]
 
     # Reads and idempotent writes are retried when the server is slow or briefly failing: on the
-    # embedded stack SQLite has one writer, and a busy scheduler can hold the API server's
-    # request past the client timeout (or fail it with a 5xx "database is locked"). A POST is
+    # busy 2-core machine the scheduler can hold the API server's request past the client timeout
+    # (or fail it with a 5xx). A POST is
     # retried only when the caller made it idempotent (``retry=True``: e.g. a trigger with a run id
     # of its own, where a retry's 409 means an earlier try created the run).
     IDEMPOTENT = frozenset({"GET", "PATCH", "PUT", "DELETE"})
@@ -75,7 +75,8 @@ class AirflowClient:
                     time.sleep(self.BACKOFF * attempt)
                     continue
                 raise AirflowApiError(f"{method} {path}: HTTP {exc.code} {exc.read()[:500]!r}") from None
-            except (TimeoutError, urllib.error.URLError) as exc:
+            # ConnectionError: a server that is starting may accept the connection and reset it.
+            except (TimeoutError, ConnectionError, urllib.error.URLError) as exc:
                 if attempt >= attempts:
                     raise AirflowApiError(f"{method} {path}: no answer after {attempt} tries: {exc}") from exc
                 time.sleep(self.BACKOFF * attempt)
