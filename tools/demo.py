@@ -57,9 +57,10 @@ class DemoSpec:
 # approve, and the table says so. Without it a passing challenger waits for a person's approval.
 UNATTENDED = {"auto_promote": True}
 DEMO: dict[str, DemoSpec] = {
-    # A quick model (200 boosting rounds instead of up to 2000): a run with the defaults beats it,
+    # A quick model (40 boosting rounds instead of up to 2000; skill 0.16 on the real UCI file, 0.25
+    # with the defaults): it passes the gate, and a run with the defaults beats it,
     # so the README's "trigger with the defaults, approve it in the UI" finds an approval waiting.
-    "power_lgbm_training": DemoSpec("mae", "baseline_mae", {"num_boost_round": 200, **UNATTENDED}),
+    "power_lgbm_training": DemoSpec("mae", "baseline_mae", {"num_boost_round": 40, **UNATTENDED}),
     "tick_model_training": DemoSpec("rmse_log_rv", "har_rmse_log_rv", dict(UNATTENDED)),
     "mnist_cnn_training": DemoSpec("test_accuracy", "baseline_accuracy", {"profile": "smoke", **UNATTENDED}),
     "cifar10_cnn_training": DemoSpec("test_accuracy", "baseline_accuracy", {"profile": "smoke", **UNATTENDED}),
