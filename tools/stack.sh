@@ -68,6 +68,9 @@ stack_env() {  # what every part and a person's shell share; no secret values in
   export AIRFLOW__CORE__EXECUTION_API_SERVER_URL=http://127.0.0.1:$AIRFLOW_PORT/execution/
   export AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL=${AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL:-30}
   export AIRFLOW__SCHEDULER__MIN_FILE_PROCESS_INTERVAL=30
+  # A scheduler restarted after a crash takes over the tasks the dead one had queued at its next
+  # orphan check (default every 300 s): 60 s keeps a resumed approval from idling five minutes.
+  export AIRFLOW__SCHEDULER__ORPHANED_TASKS_CHECK_INTERVAL=${AIRFLOW__SCHEDULER__ORPHANED_TASKS_CHECK_INTERVAL:-60}
   # Airflow chmods each task log folder and file to these (defaults 0o775 / 0o664), whatever the
   # umask: owner only, like everything else under $VTM_HOME.
   export AIRFLOW__LOGGING__FILE_TASK_HANDLER_NEW_FOLDER_PERMISSIONS=0o700
