@@ -118,7 +118,7 @@ def test_only_a_deadline_of_alert_definitions_is_replaced(deadline, definitions)
 def test_the_local_settings_hook_guards_only_airflow_dags_test(argv, guarded):
     """Airflow imports dags/airflow_local_settings.py first in every command; it installs the
     dag-test guard in ``airflow dags test`` only (a real ``airflow dags test`` of every workflow is
-    tests/e2e/test_documented_commands.py)."""
+    tests/e2e/test_embedded_stack.py)."""
     import os
     import subprocess
     import sys
